@@ -1,0 +1,96 @@
+"""Validation of public arguments, done before any database call."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from typing import Union
+
+Duration = Union[int, float, timedelta]
+
+# Leases are stored as dates, which Python can read back only up to year 9999;
+# 10**11 seconds (about 3,170 years) keeps every lease far inside that range.
+MAX_SECONDS = 10**11
+MAX_NAME_LENGTH = 1000
+
+
+def _seconds(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, timedelta)):
+        raise TypeError(
+            f"{what} must be a number of seconds or a datetime.timedelta, "
+            f"not {type(value).__name__}"
+        )
+    if isinstance(value, timedelta):
+        try:
+            seconds = value.total_seconds()
+        except OverflowError:  # pragma: no cover - total_seconds() is float
+            raise ValueError(f"{what} is too large: {value!r}") from None
+    else:
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ValueError(f"{what} is too large: {value!r}") from None
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise ValueError(f"{what} must be finite, not {value!r}")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"{what} is too large to store: {value!r} (at most {MAX_SECONDS} seconds)")
+    return seconds
+
+
+def duration_ms(value: object, what: str = "duration") -> int:
+    """Check a lease duration and return it in whole milliseconds (at least 1).
+
+    :raises TypeError: not an int, float or timedelta (``bool`` included).
+    :raises ValueError: zero, negative, NaN, infinite or too large.
+    """
+    seconds = _seconds(value, what)
+    if seconds <= 0:
+        raise ValueError(f"{what} must be positive, not {value!r}")
+    # MongoDB dates have millisecond precision; round up so that a tiny positive
+    # duration still grants a lease.
+    return max(1, math.ceil(seconds * 1000))
+
+
+def wait_seconds(value: object, what: str = "wait") -> float | None:
+    """Check a ``wait`` argument: ``None`` (no limit) or seconds >= 0.
+
+    :raises TypeError: not ``None``, an int, float or timedelta.
+    :raises ValueError: negative, NaN, infinite or too large.
+    """
+    if value is None:
+        return None
+    seconds = _seconds(value, what)
+    if seconds < 0:
+        raise ValueError(f"{what} must be >= 0 or None, not {value!r}")
+    return seconds
+
+
+def owner_string(value: object, what: str = "owner") -> str | None:
+    """Check an ``owner`` argument: ``None`` or a non-empty ``str``."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    return value
+
+
+def lock_name(value: object) -> str:
+    """Check a named lock's name: a non-empty ``str`` of at most 1000 characters."""
+    if not isinstance(value, str):
+        raise TypeError(f"lock name must be a str, not {type(value).__name__}")
+    if not value:
+        raise ValueError("lock name must not be empty")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(
+            f"lock name is {len(value)} characters long, at most {MAX_NAME_LENGTH} are allowed"
+        )
+    return value
+
+
+def flag(value: object, what: str) -> bool:
+    """Check a boolean keyword argument."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be a bool, not {type(value).__name__}")
+    return value
