@@ -1,0 +1,36 @@
+"""Leases for MongoEngine documents and named locks, claimed atomically in MongoDB.
+
+::
+
+    class Job(LockableMixin, Document):
+        payload = StringField()
+
+    if job.lock(30):
+        try:
+            ...  # only this caller handles the job
+        finally:
+            job.release()
+
+    job = Job.objects(status="pending").claim(60)   # SKIP LOCKED for MongoDB
+"""
+
+from . import signals
+from ._errors import LockError, LockNotOwnedError, LockUnavailableError, UnsavedDocumentError
+from ._mixin import LockableMixin
+from ._named import NamedLock, exclusive
+from ._queryset import LockableQuerySet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LockError",
+    "LockNotOwnedError",
+    "LockUnavailableError",
+    "LockableMixin",
+    "LockableQuerySet",
+    "NamedLock",
+    "UnsavedDocumentError",
+    "__version__",
+    "exclusive",
+    "signals",
+]
