@@ -1,0 +1,106 @@
+"""Lease cycle cost: ``doc.lock()`` + ``doc.release()`` against raw pymongo.
+
+Both sides make the same two conditional ``find_one_and_update`` calls on the
+same server with the same write concern (``majority``): the raw side is the
+floor any lease built on MongoDB pays. Rounds of the two alternate in one run,
+and the ratio of their medians is printed last.
+
+    python benchmarks/lock_cycle.py [--uri URI] [--rounds 15] [--cycles 200]
+
+Without ``--uri`` (or ``MONGODB_URI``) a temporary single-node replica set is
+started from the embedded mongod.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from contextlib import ExitStack
+from typing import Callable
+
+import mongoengine
+from pymongo import ReturnDocument, WriteConcern
+
+from mongoengine_lockable import LockableMixin
+
+
+class BenchJob(LockableMixin, mongoengine.Document):
+    payload = mongoengine.StringField()
+
+
+def raw_cycle(collection, doc_id) -> Callable[[], None]:  # type: ignore[no-untyped-def]
+    """The raw pymongo pair: grant if free by $$NOW, then release if mine."""
+    coll = collection.with_options(write_concern=WriteConcern("majority"))
+
+    def cycle() -> None:
+        owner = os.urandom(6).hex()
+        got = coll.find_one_and_update(
+            {"_id": doc_id, "$expr": {"$lte": ["$locked_until", "$$NOW"]}},
+            [{"$set": {"locked_until": {"$add": ["$$NOW", 30000]},
+                       "locked_by": {"$literal": owner},
+                       "lock_fence": {"$add": [{"$ifNull": ["$lock_fence", 0]}, 1]}}}],
+            return_document=ReturnDocument.AFTER,
+        )
+        assert got is not None
+        done = coll.find_one_and_update(
+            {"_id": doc_id, "locked_by": owner, "lock_fence": got["lock_fence"],
+             "$expr": {"$gt": ["$locked_until", "$$NOW"]}},
+            {"$set": {"locked_until": None}},
+            return_document=ReturnDocument.AFTER,
+        )
+        assert done is not None
+
+    return cycle
+
+
+def ours_cycle(doc: BenchJob) -> Callable[[], None]:
+    def cycle() -> None:
+        assert doc.lock(30)
+        doc.release()
+
+    return cycle
+
+
+def per_cycle(cycle: Callable[[], None], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        cycle()
+    return (time.perf_counter() - start) / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--uri", default=os.environ.get("MONGODB_URI"))
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--cycles", type=int, default=200)
+    args = parser.parse_args()
+    with ExitStack() as stack:
+        uri = args.uri
+        if not uri:
+            from mongoengine_lockable.testing import MongodReplicaSet
+
+            uri = stack.enter_context(MongodReplicaSet(1)).uri
+        mongoengine.connect(db="lockable_bench", host=uri)
+        stack.callback(mongoengine.disconnect)
+        BenchJob.drop_collection()
+        ours_doc = BenchJob(payload="ours").save()
+        raw_doc = BenchJob(payload="raw").save()
+        ours = ours_cycle(ours_doc)
+        raw = raw_cycle(BenchJob._get_collection(), raw_doc.pk)
+        for warm in (ours, raw):
+            per_cycle(warm, args.cycles // 4 or 1)
+        ours_t, raw_t = [], []
+        for _ in range(args.rounds):
+            ours_t.append(per_cycle(ours, args.cycles))
+            raw_t.append(per_cycle(raw, args.cycles))
+        BenchJob.drop_collection()
+    o, r = statistics.median(ours_t), statistics.median(raw_t)
+    print(f"lock()+release():       {o * 1e6:8.1f} us/cycle  ({1 / o:7.0f} cycles/s)")
+    print(f"raw pymongo pair:       {r * 1e6:8.1f} us/cycle  ({1 / r:7.0f} cycles/s)")
+    print(f"ratio ours/raw (median of {args.rounds} rounds x {args.cycles} cycles): {o / r:.3f}")
+
+
+if __name__ == "__main__":
+    main()
