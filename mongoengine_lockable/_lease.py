@@ -15,19 +15,29 @@ every operation runs under one process-wide lock, because mongomock's
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple, Union
 
 from pymongo import ReadPreference, ReturnDocument
 from pymongo.collection import Collection
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import (
+    ConnectionFailure,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+    WriteConcernError,
+)
+from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
+
+log = logging.getLogger("mongoengine_lockable.lease")
 
 Filter = dict[str, Any]
 Update = Union[dict[str, Any], list[dict[str, Any]]]
@@ -87,6 +97,17 @@ def client_now() -> datetime:
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
+def is_ambiguous(exc: PyMongoError) -> bool:
+    """Could the write behind ``exc`` have been applied, or later be?
+
+    A network error (the reply was lost), a write concern not confirmed, or an
+    error labelled retryable after pymongo's own retry failed.
+    """
+    if isinstance(exc, (ConnectionFailure, WriteConcernError)):
+        return True
+    return isinstance(exc, OperationFailure) and exc.has_error_label("RetryableWriteError")
+
+
 def combine(*parts: Mapping[str, Any]) -> Filter:
     """AND filters together, flat when their keys do not collide."""
     merged: Filter = {}
@@ -123,6 +144,7 @@ class LeaseOps:
             write_concern=write_concern or DEFAULT_WRITE_CONCERN,
             read_preference=ReadPreference.PRIMARY,
         )
+        self._majority = self.collection.with_options(read_concern=ReadConcern("majority"))
         self._guard: AbstractContextManager[Any] = (
             nullcontext() if self.server_clock else _MOCK_GUARD
         )
@@ -169,17 +191,41 @@ class LeaseOps:
         sort: list[Any] | None = None,
         projection: Mapping[str, Any] | None = None,
         upsert: bool = False,
+        resolve: Callable[[], dict[str, Any] | None] | None = None,
     ) -> dict[str, Any] | None:
-        with self._guard:
-            result: dict[str, Any] | None = self.collection.find_one_and_update(
-                query,
-                update,
-                projection=projection,
-                sort=sort,
-                upsert=upsert,
-                return_document=ReturnDocument.AFTER,
-            )
+        """Send one ``findAndModify``.
+
+        When the outcome is unknown (the connection failed, or the write
+        concern was not confirmed, after pymongo's own retry), ``resolve`` finds
+        out what happened by reading the record back; without it the error
+        propagates.
+        """
+        try:
+            with self._guard:
+                result: dict[str, Any] | None = self.collection.find_one_and_update(
+                    query,
+                    update,
+                    projection=projection,
+                    sort=sort,
+                    upsert=upsert,
+                    return_document=ReturnDocument.AFTER,
+                )
+        except PyMongoError as exc:
+            if resolve is None or not is_ambiguous(exc):
+                raise
+            log.warning("outcome of a lease change unknown (%s); reading it back", exc)
+            try:
+                return resolve()
+            except PyMongoError as again:
+                raise exc from again
         return result
+
+    def read_back(self, query: Filter) -> dict[str, Any] | None:
+        """Read ``query``'s document as a majority has committed it, from the
+        primary: a write that a failover will roll back is not seen."""
+        with self._guard:
+            doc: dict[str, Any] | None = self._majority.find_one(query)
+        return doc
 
     def grant(
         self,
@@ -202,6 +248,11 @@ class LeaseOps:
         """
         f = self.fields
         query = match if force else combine(match, self.free())
+
+        def resolve() -> dict[str, Any] | None:
+            # Granted iff our owner token is on an unexpired lease.
+            return self.read_back(combine(match, {f.owner: owner}, self.held()))
+
         update: Update
         if self.server_clock:
             update = [
@@ -216,7 +267,7 @@ class LeaseOps:
             ]
         else:
             update = {"$set": {f.until: self._ends_in(ms), f.owner: owner}, "$inc": {f.fence: 1}}
-        return self._find_and_modify(query, update, sort=sort)
+        return self._find_and_modify(query, update, sort=sort, resolve=resolve)
 
     def release(
         self,
@@ -248,14 +299,27 @@ class LeaseOps:
             update = {"$set": {f.until: None}}
         elif self.server_clock:
             hold_end = {"$add": ["$" + f.acquired_at, min_hold_ms]}
+            # The token is dropped: a read-back can tell "released" from "expired".
             update = [
-                {"$set": {f.until: {"$max": ["$$NOW", {"$min": ["$" + f.until, hold_end]}]}}}
+                {"$set": {f.until: {"$max": ["$$NOW", {"$min": ["$" + f.until, hold_end]}]}}},
+                {"$unset": "token"},
             ]
         else:
             now = client_now()
             ends = now if acquired_at is None else acquired_at + timedelta(milliseconds=min_hold_ms)
-            update = {"$set": {f.until: max(now, ends)}}
-        return self._find_and_modify(query, update, projection=projection)
+            update = {"$set": {f.until: max(now, ends)}, "$unset": {"token": ""}}
+
+        def resolve() -> dict[str, Any] | None:
+            seen = self.read_back(combine(match, self.mine(owner, fence)))
+            if seen is None:
+                return None  # taken by another since: not ours to release
+            released = seen.get(f.until) is None if f.acquired_at is None else "token" not in seen
+            if released:
+                return seen
+            # Not released: send it again; the server decides whether it is held.
+            return self._find_and_modify(query, update, projection=projection)
+
+        return self._find_and_modify(query, update, projection=projection, resolve=resolve)
 
     def clear_expired(self, match: Filter, owner: str, fence: int | None) -> bool:
         """Clear the caller's lease if it is still recorded although expired.
@@ -292,7 +356,14 @@ class LeaseOps:
             update = [{"$set": {self.fields.until: self._ends_in(ms)}}]
         else:
             update = {"$set": {self.fields.until: self._ends_in(ms)}}
-        return self._find_and_modify(query, update, projection=projection)
+
+        def resolve() -> dict[str, Any] | None:
+            # Renewing twice is harmless: if the lease is still ours, send it again.
+            if self.read_back(query) is None:
+                return None
+            return self._find_and_modify(query, update, projection=projection)
+
+        return self._find_and_modify(query, update, projection=projection, resolve=resolve)
 
     def update_held(
         self, match: Filter, owner: str, fence: int, update: dict[str, Any]
@@ -371,8 +442,14 @@ class LeaseOps:
         }
         # One $set stage: every expression sees the record as it was before.
         stage = {k: {"$cond": [free, v, "$" + k]} for k, v in values.items()}
+
+        def resolve() -> dict[str, Any] | None:
+            return self.read_back(combine({"_id": key, "token": token}, self.held()))
+
         try:
-            return self._find_and_modify({"_id": key}, [{"$set": stage}], upsert=True)
+            return self._find_and_modify(
+                {"_id": key}, [{"$set": stage}], upsert=True, resolve=resolve
+            )
         except DuplicateKeyError:
             # Two first acquisitions raced to create the record; the other won.
             return None
