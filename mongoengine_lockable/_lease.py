@@ -91,6 +91,9 @@ def new_owner() -> str:
     return f"{_HOST}:{os.getpid()}:{secrets.token_hex(6)}"
 
 
+_EPOCH = datetime(1970, 1, 1)
+
+
 def client_now() -> datetime:
     """The client's UTC time as MongoDB stores it: naive, millisecond precision."""
     now = datetime.now(timezone.utc).replace(tzinfo=None)
@@ -266,8 +269,23 @@ class LeaseOps:
                 }
             ]
         else:
-            update = {"$set": {f.until: self._ends_in(ms), f.owner: owner}, "$inc": {f.fence: 1}}
+            return self._grant_mock(query, owner, ms, sort)
         return self._find_and_modify(query, update, sort=sort, resolve=resolve)
+
+    def _grant_mock(
+        self, query: Filter, owner: str, ms: int, sort: list[Any] | None
+    ) -> dict[str, Any] | None:
+        """:meth:`grant` on mongomock: pick the document, then write the lease
+        with the fence computed here (a stored null fence counts as 0, as
+        ``$ifNull`` does on the server); atomic under the process-wide guard."""
+        f = self.fields
+        with self._guard:
+            target = self.collection.find_one(query, {f.fence: True}, sort=sort)
+            if target is None:
+                return None
+            fence = int(target.get(f.fence) or 0) + 1
+            lease = {f.until: self._ends_in(ms), f.owner: owner, f.fence: fence}
+            return self._find_and_modify({"_id": target["_id"]}, {"$set": lease})
 
     def release(
         self,
@@ -376,6 +394,31 @@ class LeaseOps:
         query = combine(match, self.mine(owner, fence), self.held())
         return self._find_and_modify(query, update)
 
+    def _grant_upsert_mock(
+        self, key: Any, owner: str, token: str, ms: int, extra: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """:meth:`grant_upsert` on mongomock: the same rules on the client's
+        clock, made atomic by the process-wide guard (a read, then one write)."""
+        f = self.fields
+        assert f.acquired_at is not None
+        with self._guard:
+            now = client_now()
+            old = self.collection.find_one({"_id": key}, {f.until: True, f.fence: True})
+            old_until = None if old is None else old.get(f.until)
+            if old_until is not None and old_until > now:
+                return old  # held: the caller sees another token
+            old_fence = 0 if old is None else int(old.get(f.fence) or 0)
+            epoch_ms = int((now - _EPOCH).total_seconds() * 1000)
+            new = {
+                f.until: now + timedelta(milliseconds=ms),
+                f.owner: owner,
+                "token": token,
+                f.fence: max(old_fence + 1, epoch_ms),
+                f.acquired_at: now,
+                **extra,
+            }
+            return self._find_and_modify({"_id": key}, {"$set": new}, upsert=True)
+
     def peek(self, match: Filter) -> dict[str, Any] | None:
         """Read the lease fields of the document, from the primary, with
         ``HELD`` (is an unexpired lease held now?) and ``NOW`` (the deciding
@@ -411,8 +454,8 @@ class LeaseOps:
         as it was. The fence becomes ``max(fence + 1, $$NOW in ms)``, so that it
         keeps growing even after the TTL index removed an expired record.
 
-        mongomock: filter ``{_id: key} AND free``, upsert; a held record makes
-        the upsert collide on ``_id`` (DuplicateKeyError), which means "held".
+        mongomock: the same decision on the client's clock, under the
+        process-wide guard (see :meth:`_grant_upsert_mock`).
 
         :return: the record after the operation (check its ``token``), or
             ``None`` when a concurrent creation won the race.
@@ -420,16 +463,7 @@ class LeaseOps:
         f = self.fields
         assert f.acquired_at is not None
         if not self.server_clock:
-            new = {f.until: self._ends_in(ms), f.owner: owner, "token": token,
-                   f.acquired_at: client_now(), **extra}
-            try:
-                return self._find_and_modify(
-                    combine({"_id": key}, self.free()),
-                    {"$set": new, "$inc": {f.fence: 1}},
-                    upsert=True,
-                )
-            except DuplicateKeyError:
-                return None
+            return self._grant_upsert_mock(key, owner, token, ms, extra)
         free = {"$lte": ["$" + f.until, "$$NOW"]}
         values: dict[str, Any] = {
             f.until: self._ends_in(ms),

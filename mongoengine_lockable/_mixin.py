@@ -322,8 +322,13 @@ class LockableMixin:
             raise TypeError(f"update_if_held(): {exc}") from None
         except ValidationError as exc:
             raise ValueError(f"update_if_held(): {exc}") from None
-        for changes in raw_update.values():
-            touched = {str(path).split(".")[0] for path in changes} & _LEASE_FIELDS
+        if not isinstance(raw_update, dict):
+            raise TypeError("update_if_held() takes operator updates, not an update pipeline")
+        for operator, changes in raw_update.items():
+            paths = set(changes)
+            if operator == "$rename":  # its values are paths too
+                paths |= set(changes.values())
+            touched = {str(path).split(".")[0] for path in paths} & _LEASE_FIELDS
             if touched:
                 raise ValueError(
                     f"update_if_held() cannot change the lease fields {sorted(touched)}: "
