@@ -1,0 +1,207 @@
+"""Document classes shared by the tests, and the helpers they use to look at the
+database behind the library's back.
+
+Every class has its own collection, so that tests of one never see another's
+documents (each test gets a fresh database from the ``lockable_db`` fixture).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import mongoengine
+from mongoengine import Document, IntField, StringField
+from pymongo import monitoring
+from pymongo.write_concern import WriteConcern
+
+from mongoengine_lockable import LockableMixin, LockableQuerySet
+
+
+class Job(LockableMixin, Document):
+    """The plain case: mixing in is all it takes."""
+
+    payload = StringField()
+    status = StringField(default="pending")
+    tries = IntField(default=0)
+    priority = IntField(default=0)
+
+    meta = {"collection": "test_jobs"}
+
+
+class OrderedJob(LockableMixin, Document):
+    """``meta['ordering']``: claims take the highest priority first."""
+
+    payload = StringField()
+    priority = IntField(default=0)
+
+    meta = {"collection": "test_ordered_jobs", "ordering": ["-priority"]}
+
+
+class Task(LockableMixin, Document):
+    """An ``allow_inheritance`` base: subclasses share its collection."""
+
+    payload = StringField()
+    status = StringField(default="pending")
+
+    meta = {"collection": "test_tasks", "allow_inheritance": True}
+
+
+class EmailTask(Task):
+    """A subclass stored in :class:`Task`'s collection (with ``_cls``)."""
+
+    address = StringField()
+
+
+class PendingQuerySet(LockableQuerySet):
+    """A user's own queryset class, as the docs tell them to write it."""
+
+    def pending(self) -> PendingQuerySet:
+        return self.filter(status="pending")  # type: ignore[no-any-return]
+
+
+class CustomQSJob(LockableMixin, Document):
+    """A document with its own ``queryset_class`` (a ``LockableQuerySet``)."""
+
+    payload = StringField()
+    status = StringField(default="pending")
+
+    meta = {"collection": "test_custom_qs_jobs", "queryset_class": PendingQuerySet}
+
+
+class W1Job(LockableMixin, Document):
+    """Lease changes acknowledged by the primary alone."""
+
+    payload = StringField()
+
+    lock_write_concern = WriteConcern(w=1)
+
+    meta = {"collection": "test_w1_jobs"}
+
+
+class StatusJob(LockableMixin, Document):
+    """A queue with the compound index a ``status`` filter needs for its claims."""
+
+    payload = StringField()
+    status = StringField(default="pending")
+
+    meta = {"collection": "test_status_jobs", "indexes": [("status", "locked_until")]}
+
+
+class KeyedJob(LockableMixin, Document):
+    """A document whose primary key is a string of its own, not an ObjectId."""
+
+    key = StringField(primary_key=True)
+    payload = StringField()
+
+    meta = {"collection": "test_keyed_jobs"}
+
+
+class TenantJob(LockableMixin, Document):
+    """A document declaring a shard key: lease filters must name it too."""
+
+    tenant = StringField(required=True)
+    payload = StringField()
+    status = StringField(default="pending")
+
+    meta = {"collection": "test_tenant_jobs", "shard_key": ("tenant",)}
+
+
+#: The connection alias of :class:`AliasedJob`, which the tests using it
+#: connect themselves (see :func:`recorded_alias`).
+OWN_ALIAS = "lockable-own-alias"
+
+
+class AliasedJob(LockableMixin, Document):
+    """A :class:`Job` on a connection alias of its own, for tests that manage
+    their connection (and its command listener) themselves."""
+
+    payload = StringField()
+    status = StringField(default="pending")
+
+    meta = {"collection": "test_aliased_jobs", "db_alias": OWN_ALIAS}
+
+
+ALL_MODELS = (
+    Job,
+    OrderedJob,
+    Task,
+    EmailTask,
+    CustomQSJob,
+    W1Job,
+    StatusJob,
+    KeyedJob,
+    TenantJob,
+    AliasedJob,
+)
+
+
+# -- looking at the database directly -------------------------------------------
+
+
+def raw(doc: Any) -> dict | None:
+    """The document as stored, read with the driver (not the library)."""
+    found: dict | None = type(doc)._get_collection().find_one({"_id": doc.pk})
+    return found
+
+
+# -- counting the commands a client sends --------------------------------------
+
+#: Commands a client sends on its own (connection handshake, server
+#: monitoring, session cleanup): not the library's doing.
+HOUSEKEEPING = frozenset(
+    {"hello", "ismaster", "isMaster", "endSessions", "saslStart", "saslContinue", "ping"}
+)
+
+
+class CommandRecorder(monitoring.CommandListener):
+    """Records the commands started on a client (a pymongo ``CommandListener``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: list[monitoring.CommandStartedEvent] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        with self._lock:
+            self._events.append(event)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+    def clear(self) -> None:
+        with self._lock:
+            self._events.clear()
+
+    @property
+    def commands(self) -> list[dict]:
+        """The command documents sent since the last :meth:`clear`, minus
+        housekeeping."""
+        with self._lock:
+            events = list(self._events)
+        return [e.command for e in events if e.command_name not in HOUSEKEEPING]
+
+    @property
+    def names(self) -> list[str]:
+        """The names of :attr:`commands`, in order."""
+        return [next(iter(cmd)) for cmd in self.commands]
+
+
+@contextmanager
+def recorded_alias(uri: str, db_name: str, alias: str) -> Iterator[CommandRecorder]:
+    """Connect MongoEngine alias ``alias`` to database ``db_name`` of the server
+    at ``uri`` through a client of its own that records its commands."""
+    recorder = CommandRecorder()
+    mongoengine.connect(
+        db=db_name, alias=alias, host=uri, uuidRepresentation="standard", event_listeners=[recorder]
+    )
+    try:
+        # A database named in the URI would win over db=: make sure it did not.
+        assert mongoengine.get_db(alias).name == db_name
+        yield recorder
+    finally:
+        mongoengine.disconnect(alias)

@@ -1,0 +1,210 @@
+"""One conditional find-and-modify per state change, counted on the wire.
+
+The documents are used through a MongoEngine alias whose client records every
+command it sends (a pymongo ``CommandListener``), connected to the test's
+database on the real server. Real server only: mongomock sends no commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+from mongoengine.context_managers import switch_db
+
+from models import CommandRecorder, Job, TenantJob, W1Job, recorded_alias
+
+ALIAS = "lockable-recorded"
+
+
+@pytest.fixture
+def recorder(lockable_real_db) -> Iterator[CommandRecorder]:
+    with recorded_alias(lockable_real_db.uri, lockable_real_db.db_name, ALIAS) as rec:
+        yield rec
+
+
+@pytest.fixture
+def RJob(recorder) -> Iterator[type[Job]]:
+    """:class:`Job` switched to the recording alias, its collection and
+    indexes already created (so that no ``createIndexes`` is counted)."""
+    with switch_db(Job, ALIAS) as switched:
+        switched.ensure_indexes()
+        recorder.clear()
+        yield switched
+
+
+def saved(model, recorder, **fields):
+    """Save a document, then forget the commands that took."""
+    doc = model(**fields).save()
+    recorder.clear()
+    return doc
+
+
+def only_find_and_modify(recorder) -> dict:
+    """The one command sent since the last clear, which must be a findAndModify."""
+    assert recorder.names == ["findAndModify"], recorder.commands
+    return recorder.commands[0]
+
+
+def assert_majority(command):
+    assert command["writeConcern"] == {"w": "majority"}, command
+
+
+def _values(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _values(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _values(v)
+    else:
+        yield value
+
+
+def assert_server_clock(command, *parts):
+    """The lease decision in ``command`` is made by ``$$NOW``: no client time
+    is sent in the named parts (filter, update, projection)."""
+    sent = [command[p] for p in parts if p in command]
+    assert "$$NOW" in repr(sent), command
+    assert not any(isinstance(v, datetime) for v in _values(sent)), command
+
+
+def test_lock_is_one_find_and_modify(RJob, recorder):
+    job = saved(RJob, recorder, payload="x")
+    assert job.lock(30) is True
+    command = only_find_and_modify(recorder)
+    assert command["findAndModify"] == "test_jobs"
+    assert command["query"]["_id"] == job.pk
+    assert command["new"] is True
+    assert not command.get("upsert")
+    assert_majority(command)
+    assert_server_clock(command, "query", "update")
+
+
+def test_forced_lock_is_one_find_and_modify(RJob, recorder):
+    job = saved(RJob, recorder, payload="x")
+    assert RJob.objects.get(pk=job.pk).lock(30) is True
+    recorder.clear()
+    assert job.lock(30, force=True) is True
+    assert_majority(only_find_and_modify(recorder))
+
+
+def test_lock_with_wait_on_a_free_document_is_one_find_and_modify(RJob, recorder):
+    job = saved(RJob, recorder, payload="x")
+    assert job.lock(30, wait=5) is True
+    only_find_and_modify(recorder)
+
+
+def test_release_is_one_find_and_modify(RJob, recorder):
+    job = saved(RJob, recorder, payload="x")
+    assert job.lock(30) is True
+    recorder.clear()
+    job.release()
+    command = only_find_and_modify(recorder)
+    assert command["query"]["_id"] == job.pk
+    assert_majority(command)
+    assert_server_clock(command, "query")
+
+
+def test_renew_is_one_find_and_modify(RJob, recorder):
+    job = saved(RJob, recorder, payload="x")
+    assert job.lock(30) is True
+    recorder.clear()
+    job.renew(60)
+    command = only_find_and_modify(recorder)
+    assert_majority(command)
+    assert_server_clock(command, "query", "update")
+    recorder.clear()
+    job.renew()  # the default duration too
+    only_find_and_modify(recorder)
+
+
+def test_update_if_held_is_one_find_and_modify(RJob, recorder):
+    job = saved(RJob, recorder, payload="x")
+    assert job.lock(30) is True
+    recorder.clear()
+    job.update_if_held(set__status="done", inc__tries=1)
+    command = only_find_and_modify(recorder)
+    assert command["update"] == {"$set": {"status": "done"}, "$inc": {"tries": 1}}
+    assert_majority(command)
+    assert_server_clock(command, "query")
+    assert job.status == "done"
+
+
+def test_claim_is_one_find_and_modify(RJob, recorder):
+    for p in (3, 1, 2):
+        saved(RJob, recorder, payload=str(p), priority=p)
+    claimed = RJob.objects(status="pending").order_by("priority").claim(30)
+    assert claimed.priority == 1
+    command = only_find_and_modify(recorder)
+    assert command["sort"] == {"priority": 1}
+    assert command["query"]["status"] == "pending"
+    assert_majority(command)
+    assert_server_clock(command, "query", "update")
+
+
+def test_claim_with_nothing_free_is_one_find_and_modify(RJob, recorder):
+    assert RJob.objects.claim(30) is None
+    only_find_and_modify(recorder)
+
+
+def test_locked_block_is_two_find_and_modifies(RJob, recorder):
+    job = saved(RJob, recorder, payload="x")
+    with job.locked(30):
+        only_find_and_modify(recorder)
+        recorder.clear()
+    only_find_and_modify(recorder)
+
+
+def test_is_locked_is_one_read_of_the_primary(RJob, recorder):
+    job = saved(RJob, recorder, payload="x")
+    assert job.is_locked() is False
+    assert recorder.names == ["find"], recorder.commands
+    command = recorder.commands[0]
+    assert command.get("$readPreference", {"mode": "primary"})["mode"] == "primary"
+    assert_server_clock(command, "filter", "projection")
+
+
+def test_unlocked_and_locked_querysets_use_the_server_clock(RJob, recorder):
+    saved(RJob, recorder, payload="x")
+    assert RJob.objects.unlocked().count() == 1
+    assert RJob.objects.locked().count() == 0
+    commands = recorder.commands
+    assert len(commands) == 2, commands
+    for command in commands:
+        assert_server_clock(command, "query", "filter", "pipeline")
+
+
+def test_failed_lock_writes_nothing_else(RJob, recorder):
+    job = saved(RJob, recorder, payload="x")
+    assert RJob.objects.get(pk=job.pk).lock(30) is True
+    recorder.clear()
+    assert job.lock(30) is False
+    names = recorder.names
+    assert names.count("findAndModify") == 1, recorder.commands
+    assert set(names) <= {"findAndModify", "find"}, recorder.commands
+
+
+def test_lock_write_concern_of_the_class(recorder):
+    with switch_db(W1Job, ALIAS) as RW1Job:
+        RW1Job.ensure_indexes()
+        doc = saved(RW1Job, recorder, payload="w1")
+        assert doc.lock(30) is True
+        assert only_find_and_modify(recorder)["writeConcern"] == {"w": 1}
+        recorder.clear()
+        doc.release()
+        assert only_find_and_modify(recorder)["writeConcern"] == {"w": 1}
+
+
+def test_lease_filter_names_the_shard_key(recorder):
+    with switch_db(TenantJob, ALIAS) as RTenantJob:
+        RTenantJob.ensure_indexes()
+        doc = saved(RTenantJob, recorder, tenant="t1", payload="x")
+        assert doc.lock(30) is True
+        command = only_find_and_modify(recorder)
+        assert command["query"]["_id"] == doc.pk
+        assert command["query"]["tenant"] == "t1"
+        recorder.clear()
+        doc.release()
+        assert only_find_and_modify(recorder)["query"]["tenant"] == "t1"
