@@ -1,0 +1,348 @@
+"""``@exclusive``: run a job only while holding its named lock.
+
+The decorator's contract on both backends, then THE TICK TEST on the real
+server: four processes fire the same job on the same 0.5 s schedule for 6 s,
+each a little out of step (a fixed offset of 0-150 ms plus a few ms of
+jitter), as hosts running the same cron table do. The job is
+``@exclusive("report", 0.45, min_hold=0.3)``: the first firing of a tick
+takes the lock, and ``min_hold`` keeps it taken for 0.3 s after that grant, so
+the firings of the other hosts (up to ~160 ms later) skip the tick; it ends
+before the next tick. Every tick must run exactly once across the processes.
+
+A real scheduler drops a firing that comes too late (APScheduler's
+``misfire_grace_time``); so do the processes here, 0.1 s after a firing's
+scheduled time: a process that the loaded machine wakes half a second late must
+not run a tick the lease no longer covers. The common start time is chosen
+once every process is connected, and lies in the future.
+
+This file is also the worker script of the tick test: run as
+``python tests/test_exclusive.py ticker JSON`` it connects MongoEngine itself
+and talks to the parent in ``WORD {json}`` lines on its standard streams.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import random
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import mongoengine
+import pytest
+
+from mongoengine_lockable import NamedLock, exclusive
+from mongoengine_lockable._named import DEFAULT_COLLECTION
+
+LOGGER = "mongoengine_lockable.named"
+
+
+# -- the decorator ------------------------------------------------------------------------
+
+
+def test_wrapper_keeps_name_and_docstring(lockable_db: Any) -> None:
+    def nightly_report(day: str) -> str:
+        """Build the report of ``day``."""
+        return day
+
+    wrapped = exclusive("nightly", 5)(nightly_report)
+    assert wrapped.__name__ == "nightly_report"
+    assert wrapped.__qualname__ == nightly_report.__qualname__
+    assert wrapped.__doc__ == "Build the report of ``day``."
+    assert wrapped.__wrapped__ is nightly_report  # type: ignore[attr-defined]
+    # Decorating does no I/O.
+    assert DEFAULT_COLLECTION not in lockable_db.database.list_collection_names()
+
+
+def test_runs_the_function_while_holding_the_lock(lockable_db: Any) -> None:
+    holders: list[Any] = []
+
+    @exclusive("runs", 5)
+    def job(a: int, *, b: int) -> int:
+        holders.append(NamedLock.owner_of("runs"))
+        return a + b
+
+    assert job(40, b=2) == 42
+    assert holders[0] is not None  # held during the call
+    assert NamedLock.is_free("runs")  # released after it
+    assert job(1, b=1) == 2  # and free for the next call
+    assert len(holders) == 2
+
+
+def test_returns_none_and_logs_when_held_elsewhere(
+    lockable_db: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[int] = []
+
+    @exclusive("busy", 5)
+    def busy_job() -> str:
+        calls.append(1)
+        return "ran"
+
+    other_host = NamedLock("busy", duration=5)
+    assert other_host.acquire()
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    assert busy_job() is None
+    assert calls == []
+    skips = [r for r in caplog.records if r.name == LOGGER and "busy" in r.getMessage()]
+    assert len(skips) == 1, caplog.records
+    assert "busy_job" in skips[0].getMessage()
+    # The holder was not disturbed.
+    assert NamedLock.owner_of("busy") == other_host.owner
+    other_host.release()
+    assert busy_job() == "ran"
+
+
+def test_releases_when_the_function_raises(lockable_db: Any) -> None:
+    @exclusive("failing", 5)
+    def failing() -> None:
+        raise RuntimeError("job failed")
+
+    with pytest.raises(RuntimeError, match="job failed"):
+        failing()
+    assert NamedLock.is_free("failing")
+
+
+def test_min_hold_makes_a_second_run_skip(lockable_db: Any) -> None:
+    runs: list[int] = []
+
+    @exclusive("held-on", 5, min_hold=0.3)
+    def job() -> int:
+        runs.append(1)
+        return len(runs)
+
+    started = time.monotonic()
+    assert job() == 1
+    assert not NamedLock.is_free("held-on")  # kept for min_hold after the grant
+    assert job() is None  # a host firing a little later skips this run
+    while not NamedLock.is_free("held-on"):
+        assert time.monotonic() - started < 10
+        time.sleep(0.02)
+    assert job() == 2
+
+
+BAD_DECORATIONS = [
+    ((5, 5), {}, TypeError),
+    (("", 5), {}, ValueError),
+    (("x" * 1001, 5), {}, ValueError),
+    (("job", "5"), {}, TypeError),
+    (("job", 0), {}, ValueError),
+    (("job", timedelta(seconds=-1)), {}, ValueError),
+    (("job", 5), {"wait": -1}, ValueError),
+    (("job", 5), {"wait": "1"}, TypeError),
+    (("job", 5), {"min_hold": 6}, ValueError),
+    (("job", 5), {"min_hold": None}, TypeError),
+    (("job", 5), {"keepalive": "yes"}, TypeError),
+    (("job", 5), {"alias": 1}, TypeError),
+    (("job", 5), {"collection": ""}, ValueError),
+]
+
+
+@pytest.mark.parametrize(("args", "kwargs", "error"), BAD_DECORATIONS)
+def test_arguments_are_checked_when_decorating(
+    lockable_mongomock_db: Any, args: tuple[Any, ...], kwargs: dict[str, Any], error: type
+) -> None:
+    with pytest.raises(error):
+        exclusive(*args, **kwargs)  # before any function is decorated
+    assert DEFAULT_COLLECTION not in lockable_mongomock_db.database.list_collection_names()
+
+
+# -- the tick test -------------------------------------------------------------------------
+
+PROCESSES = 4
+INTERVAL = 0.5
+TICKS = 12  # 6 s
+OFFSETS = [0.0, 0.05, 0.10, 0.15]  # each process's fixed lag behind the schedule
+JITTER = 0.01
+MISFIRE_GRACE = 0.1
+DURATION, MIN_HOLD = 0.45, 0.3
+RUNS_COLLECTION = "tick_runs"
+
+
+@pytest.mark.timeout(120)
+def test_every_tick_runs_exactly_once_across_processes(
+    lockable_real_db: Any, spawn: Callable[..., Child]
+) -> None:
+    db = lockable_real_db
+    tickers = [
+        spawn("ticker", uri=db.uri, db=db.db_name, offset=offset, seed=i)
+        for i, offset in enumerate(OFFSETS)
+    ]
+    for ticker in tickers:
+        ticker.expect("READY")
+    start = time.time() + 1.0  # in the future for everyone
+    for ticker in tickers:
+        ticker.send(json.dumps(start))
+    results = {t.name: t.expect("RESULT", timeout=TICKS * INTERVAL + 30) for t in tickers}
+
+    runs = list(db.database[RUNS_COLLECTION].find({}, {"_id": False}))
+    per_tick = Counter(run["tick"] for run in runs)
+    report = "\n".join(
+        f"{name}: ran {r['ran']}, skipped {r['skipped']}, misfired {r['misfired']}, "
+        f"max lateness {r['max_late'] * 1000:.0f} ms"
+        for name, r in results.items()
+    )
+    print(report)
+    assert sorted(per_tick) == list(range(TICKS)), f"ticks run: {dict(per_tick)}\n{report}"
+    twice = {tick: n for tick, n in per_tick.items() if n != 1}
+    assert not twice, f"ticks run more than once: {twice}\n{runs}\n{report}"
+    # The lock did the work: other processes' firings found it held.
+    assert sum(len(r["skipped"]) for r in results.values()) >= TICKS, report
+
+
+def child_ticker(args: dict[str, Any]) -> None:
+    """Fire the job on the shared schedule: tick k at start + k * INTERVAL +
+    this process's offset + jitter."""
+    runs = mongoengine.get_db()[RUNS_COLLECTION]
+
+    @exclusive("report", DURATION, min_hold=MIN_HOLD)
+    def report(tick: int, scheduled: float) -> bool:
+        runs.insert_one(
+            {"tick": tick, "pid": os.getpid(), "scheduled": scheduled, "ran_at": time.time()}
+        )
+        return True
+
+    # Warm up: connection pool, TTL index, imports; all before the start.
+    warm = NamedLock(f"warm-up-{os.getpid()}", duration=1)
+    assert warm.acquire()
+    warm.release()
+    rng = random.Random(args["seed"])
+    _say("READY")
+    start = float(_hear())
+    ran, skipped, misfired, max_late = [], [], [], 0.0
+    for k in range(TICKS):
+        scheduled = start + k * INTERVAL + args["offset"] + rng.uniform(0, JITTER)
+        time.sleep(max(0.0, scheduled - time.time()))
+        late = time.time() - scheduled
+        max_late = max(max_late, late)
+        tick = round((scheduled - start) / INTERVAL)
+        if late > MISFIRE_GRACE:
+            misfired.append(tick)
+            continue
+        (ran if report(tick, scheduled) else skipped).append(tick)
+    _say("RESULT", ran=ran, skipped=skipped, misfired=misfired, max_late=max_late)
+
+
+# -- the worker side -----------------------------------------------------------------------
+
+
+def _say(word: str, **data: Any) -> None:
+    print(word, json.dumps(data), flush=True)
+
+
+def _hear() -> str:
+    line = sys.stdin.readline()
+    if not line:  # the parent is gone: leave no orphan behind
+        os._exit(3)
+    return line.strip()
+
+
+def child_main(argv: list[str]) -> None:
+    command, args = argv[0], json.loads(argv[1])
+    watchdog = threading.Timer(120, os._exit, args=(9,))
+    watchdog.daemon = True
+    watchdog.start()
+    mongoengine.connect(
+        db=args["db"], host=args["uri"], uuidRepresentation="standard",
+        serverSelectionTimeoutMS=20_000,
+    )
+    {"ticker": child_ticker}[command](args)
+
+
+# -- processes: the parent side ------------------------------------------------------------
+
+#: Seconds a child gets to start, connect and say its first word.
+START_TIMEOUT = 60.0
+
+
+class Child:
+    """This file run as a worker process; speaks in ``WORD {json}`` lines."""
+
+    _ids = itertools.count()
+
+    def __init__(self, tmp_path: Path, command: str, **args: Any) -> None:
+        self.name = f"{command}-{next(self._ids)}"
+        self._err_path = tmp_path / f"{self.name}.stderr"
+        self._err = open(self._err_path, "wb")
+        self._pending = b""
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, command, json.dumps(args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+        )
+
+    def describe(self) -> str:
+        self._err.flush()
+        tail = self._err_path.read_bytes().decode(errors="replace")[-3000:]
+        return f"{self.name} (pid {self.proc.pid}, exit {self.proc.poll()}), stderr:\n{tail}"
+
+    def expect(self, word: str, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+        """The next line, which must start with ``word``: its JSON data."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"no {word} from {self.describe()}", pytrace=False)
+            if select.select([self.proc.stdout], [], [], left)[0]:
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                if not chunk:
+                    self.proc.wait(timeout=10)
+                    pytest.fail(f"{word} expected; {self.describe()}", pytrace=False)
+                self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        got, _, data = line.decode().partition(" ")
+        if got != word:
+            pytest.fail(f"{word} expected, got {line!r} from {self.describe()}", pytrace=False)
+        result: dict[str, Any] = json.loads(data)
+        return result
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        try:
+            self.kill()
+        finally:
+            for stream in (self.proc.stdin, self.proc.stdout, self._err):
+                if stream is not None:
+                    stream.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Child]]:
+    """Start children; each is killed and reaped when the test ends."""
+    children: list[Child] = []
+
+    def start(command: str, **args: Any) -> Child:
+        child = Child(tmp_path, command, **args)
+        children.append(child)
+        return child
+
+    try:
+        yield start
+    finally:
+        for child in children:
+            child.close()
+
+
+if __name__ == "__main__":
+    child_main(sys.argv[1:])

@@ -1,0 +1,401 @@
+"""Keepalive: a background thread renews a short lease for as long as it is held.
+
+On the real server, with 1 s leases (renewed every third of a second):
+
+- a lease outlives a 4 s job, for a document and a named lock, while another
+  process keeps trying to take it and never succeeds;
+- when the lease is taken away (``force=True`` for a document; an overwritten
+  record for a named lock), ``lock_lost`` fires within about one renewal
+  interval, and the holder's release (or the ``with`` block's exit) raises
+  ``LockNotOwnedError``;
+- no keepalive thread outlives its lease: after ``release()``, or after the
+  holder was forgotten and garbage-collected.
+
+This file is also the worker script of its process test: run as
+``python tests/test_keepalive.py probe JSON`` it connects MongoEngine itself
+and talks to the parent in ``WORD {json}`` lines on its standard streams.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import mongoengine
+import pytest
+from bson import ObjectId
+
+from mongoengine_lockable import LockableMixin, LockNotOwnedError, NamedLock, signals
+from mongoengine_lockable._named import DEFAULT_COLLECTION
+
+#: The lease every test here keeps alive, in seconds.
+LEASE = 1.0
+#: A loss must be noticed within about one renewal interval (LEASE / 3).
+NOTICED_WITHIN = 1.5
+
+KINDS = ["document", "named"]
+
+
+class KeepJob(LockableMixin, mongoengine.Document):
+    payload = mongoengine.StringField()
+
+    meta = {"collection": "test_keepalive_jobs"}
+
+
+def keepalive_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("lockable-keepalive")]
+
+
+class Holder:
+    """A document lease or a named lock, held with keepalive, and a way to take
+    it away from behind the holder's back."""
+
+    def __init__(self, kind: str, db: Any) -> None:
+        self.kind = kind
+        self.db = db
+        if kind == "document":
+            self.doc = KeepJob(payload="p").save()
+            self.holder: Any = KeepJob.objects.get(pk=self.doc.pk)
+        else:
+            self.name = f"keep-{ObjectId()}"
+            self.holder = NamedLock(self.name, duration=LEASE, keepalive=True)
+
+    def take(self) -> None:
+        if self.kind == "document":
+            assert self.holder.lock(LEASE, keepalive=True)
+            self.owner = self.holder.locked_by
+        else:
+            assert self.holder.acquire()
+            self.owner = self.holder.owner
+        self.fence = self.holder.lock_fence if self.kind == "document" else self.holder.fence
+
+    def locked(self) -> Any:
+        """The ``with`` form, with keepalive."""
+        if self.kind == "document":
+            return self.holder.locked(LEASE, keepalive=True)
+        return self.holder
+
+    def steal(self) -> None:
+        """Another caller takes the lease: ``force=True`` for a document; for a
+        named lock, the record's owner is overwritten through the raw collection."""
+        if self.kind == "document":
+            assert KeepJob.objects.get(pk=self.doc.pk).lock(30, force=True)
+        else:
+            coll = self.db.database[DEFAULT_COLLECTION]
+            done = coll.update_one({"_id": self.name}, {"$set": {"owner": "intruder"}})
+            assert done.matched_count == 1
+
+    def holds(self) -> bool:
+        """Read the database: does the holder still hold an unexpired lease?"""
+        if self.kind == "document":
+            raw = KeepJob._get_collection().find_one({"_id": self.doc.pk})
+            return bool(self.holder.is_locked()) and raw["locked_by"] == self.owner
+        return NamedLock.owner_of(self.name) == self.owner
+
+    def probe_args(self) -> dict[str, Any]:
+        args = {"kind": self.kind, "uri": self.db.uri, "db": self.db.db_name}
+        if self.kind == "document":
+            return {**args, "pk": str(self.doc.pk)}
+        return {**args, "name": self.name}
+
+
+@pytest.fixture
+def lost() -> Iterator[list[tuple[float, Any, dict[str, Any]]]]:
+    """``lock_lost`` as received: ``(monotonic time, sender, kwargs)``."""
+    received: list[tuple[float, Any, dict[str, Any]]] = []
+
+    def receive(sender: Any, **kwargs: Any) -> None:
+        received.append((time.monotonic(), sender, kwargs))
+
+    with signals.lock_lost.connected_to(receive):
+        yield received
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+# -- survival ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_keepalive_outlives_a_job_four_times_the_lease(
+    lockable_real_db: Any, spawn: Callable[..., Child], kind: str, lost: list[Any]
+) -> None:
+    held = Holder(kind, lockable_real_db)
+    prober = spawn("probe", **held.probe_args())
+    prober.expect("READY")
+    renewals: list[float] = []
+
+    def renewed(sender: Any, **kwargs: Any) -> None:
+        renewals.append(time.monotonic())
+
+    with signals.lock_renewed.connected_to(renewed):
+        held.take()
+        started = time.monotonic()
+        prober.send("GO")
+        while time.monotonic() - started < 4 * LEASE:  # the job
+            time.sleep(0.05)
+        prober.send("STOP")
+        probed = prober.expect("RESULT", timeout=30)
+        assert held.holds()
+        held.holder.release()  # still ours: no LockNotOwnedError
+    assert not lost
+    # The other process kept trying across several lease lengths, in vain.
+    assert probed["taken"] == 0, probed
+    assert probed["tries"] >= 10, probed
+    assert probed["span"] >= 2 * LEASE, probed
+    # Four lease lengths need at least three renewals.
+    assert len(renewals) >= 3, renewals
+
+
+# -- loss -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_fires_lock_lost_and_release_raises(
+    lockable_real_db: Any, kind: str, lost: list[Any]
+) -> None:
+    held = Holder(kind, lockable_real_db)
+    held.take()
+    time.sleep(0.1)
+    held.steal()
+    stolen = time.monotonic()
+    wait_for(lambda: lost)
+    (at, sender, kwargs) = lost[0]
+    print(f"{kind}: lock_lost {(at - stolen) * 1000:.0f} ms after the lease was taken")
+    assert at - stolen < NOTICED_WITHIN
+    assert kwargs["owner"] == held.owner
+    assert kwargs["fence"] == held.fence
+    if kind == "document":
+        assert sender is KeepJob
+        assert kwargs["document"] is held.holder
+    else:
+        assert sender is held.holder
+        assert kwargs["name"] == held.name
+    # The keepalive thread stopped renewing once the lease was gone.
+    wait_for(lambda: not any(f"{id(held.holder):x}" in t.name for t in keepalive_threads()))
+    with pytest.raises(LockNotOwnedError):
+        held.holder.release()
+    assert len(lost) == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_with_block_exit_raises_after_a_loss(
+    lockable_real_db: Any, kind: str, lost: list[Any]
+) -> None:
+    held = Holder(kind, lockable_real_db)
+    with pytest.raises(LockNotOwnedError):
+        with held.locked():
+            held.owner = NamedLock.owner_of(held.name) if kind == "named" else held.holder.locked_by
+            held.steal()
+            wait_for(lambda: lost)
+    assert lost[0][2]["owner"] == held.owner
+
+
+def test_with_block_exit_chains_the_loss_to_the_blocks_error(
+    lockable_real_db: Any, lost: list[Any]
+) -> None:
+    held = Holder("document", lockable_real_db)
+    with pytest.raises(LockNotOwnedError) as caught:
+        with held.locked():
+            held.steal()
+            wait_for(lambda: lost)
+            raise ValueError("the job failed too")
+    assert isinstance(caught.value.__context__, ValueError)
+
+
+# -- threads ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_release_ends_the_keepalive_thread(lockable_real_db: Any, kind: str) -> None:
+    # Counted by name: pymongo's own threads come and go, so the process's
+    # thread count (threading.active_count()) is no baseline.
+    before = set(keepalive_threads())
+    held = Holder(kind, lockable_real_db)
+    for _ in range(3):
+        held.take()
+        (thread,) = set(keepalive_threads()) - before
+        assert thread.daemon
+        held.holder.release()  # joins the thread
+        assert not thread.is_alive()
+        assert set(keepalive_threads()) == before
+
+
+def test_no_thread_without_keepalive(lockable_real_db: Any) -> None:
+    baseline = len(keepalive_threads())
+    doc = KeepJob(payload="p").save()
+    assert doc.lock(LEASE)
+    lock = NamedLock(f"plain-{ObjectId()}", duration=LEASE)
+    assert lock.acquire()
+    assert len(keepalive_threads()) == baseline
+    doc.release()
+    lock.release()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_forgotten_holder_leaves_no_thread(lockable_real_db: Any, kind: str) -> None:
+    before = set(keepalive_threads())
+    held = Holder(kind, lockable_real_db)
+    held.take()
+    (thread,) = set(keepalive_threads()) - before
+    ref = weakref.ref(held.holder)
+    del held
+    # A renewal in flight holds the holder for a moment: collect until it is gone.
+    wait_for(lambda: gc.collect() is not None and ref() is None, timeout=5)
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert thread not in keepalive_threads()
+
+
+# -- the prober process ------------------------------------------------------------------------
+
+
+def child_probe(args: dict[str, Any]) -> None:
+    """On ``GO``, try to take the lease (no wait) every 0.1 s until ``STOP``;
+    report the tries, the successes and the span of time they covered."""
+    if args["kind"] == "document":
+        doc = KeepJob.objects.get(pk=ObjectId(args["pk"]))
+        take, release = (lambda: doc.lock(5)), doc.release
+    else:
+        lock = NamedLock(args["name"], duration=5)
+        take, release = (lambda: lock.acquire()), lock.release
+    _say("READY")
+    _hear()
+    tries = taken = 0
+    first = time.monotonic()
+    while True:
+        tries += 1
+        if take():
+            taken += 1
+            release()
+        if select.select([sys.stdin], [], [], 0.1)[0]:
+            break
+    _say("RESULT", tries=tries, taken=taken, span=time.monotonic() - first)
+
+
+def _say(word: str, **data: Any) -> None:
+    print(word, json.dumps(data), flush=True)
+
+
+def _hear() -> str:
+    line = sys.stdin.readline()
+    if not line:  # the parent is gone: leave no orphan behind
+        os._exit(3)
+    return line.strip()
+
+
+def child_main(argv: list[str]) -> None:
+    command, args = argv[0], json.loads(argv[1])
+    watchdog = threading.Timer(120, os._exit, args=(9,))
+    watchdog.daemon = True
+    watchdog.start()
+    mongoengine.connect(
+        db=args["db"], host=args["uri"], uuidRepresentation="standard",
+        serverSelectionTimeoutMS=20_000,
+    )
+    {"probe": child_probe}[command](args)
+
+
+# -- processes: the parent side ------------------------------------------------------------
+
+#: Seconds a child gets to start, connect and say its first word.
+START_TIMEOUT = 60.0
+
+
+class Child:
+    """This file run as a worker process; speaks in ``WORD {json}`` lines."""
+
+    _ids = itertools.count()
+
+    def __init__(self, tmp_path: Path, command: str, **args: Any) -> None:
+        self.name = f"{command}-{next(self._ids)}"
+        self._err_path = tmp_path / f"{self.name}.stderr"
+        self._err = open(self._err_path, "wb")
+        self._pending = b""
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, command, json.dumps(args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._err,
+        )
+
+    def describe(self) -> str:
+        self._err.flush()
+        tail = self._err_path.read_bytes().decode(errors="replace")[-3000:]
+        return f"{self.name} (pid {self.proc.pid}, exit {self.proc.poll()}), stderr:\n{tail}"
+
+    def expect(self, word: str, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+        """The next line, which must start with ``word``: its JSON data."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"no {word} from {self.describe()}", pytrace=False)
+            if select.select([self.proc.stdout], [], [], left)[0]:
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                if not chunk:
+                    self.proc.wait(timeout=10)
+                    pytest.fail(f"{word} expected; {self.describe()}", pytrace=False)
+                self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        got, _, data = line.decode().partition(" ")
+        if got != word:
+            pytest.fail(f"{word} expected, got {line!r} from {self.describe()}", pytrace=False)
+        result: dict[str, Any] = json.loads(data)
+        return result
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        try:
+            self.kill()
+        finally:
+            for stream in (self.proc.stdin, self.proc.stdout, self._err):
+                if stream is not None:
+                    stream.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Child]]:
+    """Start children; each is killed and reaped when the test ends."""
+    children: list[Child] = []
+
+    def start(command: str, **args: Any) -> Child:
+        child = Child(tmp_path, command, **args)
+        children.append(child)
+        return child
+
+    try:
+        yield start
+    finally:
+        for child in children:
+            child.close()
+
+
+if __name__ == "__main__":
+    child_main(sys.argv[1:])
