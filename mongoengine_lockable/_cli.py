@@ -253,8 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Show the held and expired leases of a collection of LockableMixin "
             "documents (--collection), or of the named locks. Remaining time is "
-            "measured on the server's clock. A named lock's record cannot tell a "
-            "release from an expiry: both show as expired."
+            "measured on the server's clock."
         ),
     )
     _add_server(lister, required=True)
@@ -786,6 +785,8 @@ _NAMED_PROJECTION: dict[str, Any] = {
     "fence": "$fence",
     "acquired_at": "$acquired_at",
     "remaining_ms": _remaining_ms(),
+    # A release drops the record's per-grant token; an expiry keeps it.
+    "released": {"$eq": [{"$type": "$token"}, "missing"]},
 }
 
 
@@ -797,6 +798,8 @@ def _lease_row(raw: dict[str, Any], kind: str) -> dict[str, Any]:
         state = "released"
     elif remaining_ms is not None and remaining_ms > 0:
         state = "held"
+    elif raw.get("released"):
+        state = "released"
     else:
         state = "expired"
     owner = raw.get("owner")
@@ -923,7 +926,8 @@ def _cmd_release(args: argparse.Namespace) -> int:
             projection = _NAMED_PROJECTION
             # Ends now by the server's clock; an already ended lease keeps its
             # earlier end (the TTL index's grace period is not restarted).
-            update = [{"$set": {"locked_until": {"$min": ["$locked_until", "$$NOW"]}}}]
+            update = [{"$set": {"locked_until": {"$min": ["$locked_until", "$$NOW"]}}},
+                      {"$unset": "token"}]
             what = f"named lock {args.target!r} in {db.name}.{coll_name}"
         coll = db[coll_name].with_options(write_concern=WriteConcern("majority"))
         before: dict[str, Any] | None = None

@@ -118,13 +118,16 @@ def leases(db: LockableDB) -> dict[str, Any]:
 
 @pytest.fixture
 def named(db: LockableDB) -> dict[str, NamedLock]:
-    """Named locks: one held, one expired."""
+    """Named locks: one held, one expired, one released."""
     held = NamedLock("cli-held", 300)
     assert held.acquire()
     expired = NamedLock("cli-expired", 0.1)
     assert expired.acquire()
+    released = NamedLock("cli-released", 300)
+    assert released.acquire()
+    released.release()
     wait_until(lambda: NamedLock.is_free("cli-expired"), "the short named lock expired")
-    return {"held": held, "expired": expired}
+    return {"held": held, "expired": expired, "released": released}
 
 
 def list_json(db: LockableDB, *extra: str) -> list[dict[str, Any]]:
@@ -183,7 +186,7 @@ def test_list_documents_json(db: LockableDB, leases: dict[str, Any]) -> None:
 
 def test_list_named_locks(db: LockableDB, named: dict[str, NamedLock]) -> None:
     rows = {row["id"]: row for row in list_json(db)}
-    assert set(rows) == {"cli-held", "cli-expired"}
+    assert set(rows) == {"cli-held", "cli-expired", "cli-released"}
     row = rows["cli-held"]
     assert row["kind"] == "named"
     assert row["state"] == "held"
@@ -195,6 +198,8 @@ def test_list_named_locks(db: LockableDB, named: dict[str, NamedLock]) -> None:
     assert row["acquired_at"] is not None
     assert rows["cli-expired"]["state"] == "expired"
     assert rows["cli-expired"]["remaining"] <= 0
+    assert rows["cli-released"]["state"] == "released"
+    assert rows["cli-released"]["fence"] == named["released"].fence
 
     assert db.uri is not None
     # The database named in the URI; a table, not JSON.
