@@ -37,6 +37,8 @@ from pymongo.errors import (
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
+from ._waiting import Waker, open_waker
+
 log = logging.getLogger("mongoengine_lockable.lease")
 
 Filter = dict[str, Any]
@@ -418,6 +420,34 @@ class LeaseOps:
                 **extra,
             }
             return self._find_and_modify({"_id": key}, {"$set": new}, upsert=True)
+
+    def waker(self, key: Any) -> Waker:
+        """What a waiter for the lease on ``{_id: key}`` blocks on: a change
+        stream of the events that can free it, else polling.
+
+        Only a release (``until`` set to null; a named lock's release drops its
+        token) or a delete of that record wakes the waiter. Grants,
+        renewals and the holder's own writes do not: with many waiters, waking
+        all of them on every write costs more than it saves. A lease that
+        simply runs out is not an event; the waiter's timeout covers it.
+        """
+        until = self.fields.until
+        if self.fields.acquired_at is None:
+            released: list[Filter] = [
+                {"updateDescription.updatedFields." + until: {"$type": "null"}},
+                # The server may log a small document's pipeline update (a grant,
+                # a renewal) as a replacement: only one without a lease wakes.
+                {"operationType": "replace", "fullDocument." + until: {"$not": {"$type": "date"}}},
+            ]
+        else:
+            released = [
+                {"updateDescription.removedFields": "token"},
+                {"operationType": "replace", "fullDocument.token": {"$exists": False}},
+            ]
+        record = {"documentKey._id": key, "$or": [{"operationType": "delete"}, *released]}
+        # A dropped or renamed collection ends the stream (the waiter polls on).
+        events = {"$or": [record, {"operationType": {"$in": ["drop", "rename", "invalidate"]}}]}
+        return open_waker(self.collection, events, self.server_clock)
 
     def peek(self, match: Filter) -> dict[str, Any] | None:
         """Read the lease fields of the document, from the primary, with

@@ -25,7 +25,7 @@ from ._lease import (
     time_left,
 )
 from ._queryset import LockableQuerySet
-from ._waiting import open_waker, retry_until
+from ._waiting import retry_until
 
 __all__ = ["LockableMixin"]
 
@@ -242,7 +242,7 @@ class LockableMixin:
             return None, time_left(seen, ops.fields)
 
         raw = retry_until(
-            attempt, wait_s, lambda: open_waker(ops.collection, match["_id"], ops.server_clock)
+            attempt, wait_s, lambda: ops.waker(match["_id"])
         )
         if raw is None:
             return False

@@ -34,7 +34,7 @@ from . import _args, signals
 from ._errors import LockNotOwnedError, LockUnavailableError
 from ._keepalive import KeepAlive
 from ._lease import HELD, NAMED_FIELDS, LeaseOps, new_owner, time_left
-from ._waiting import open_waker, retry_until
+from ._waiting import retry_until
 
 __all__ = ["DEFAULT_COLLECTION", "NamedLock", "exclusive"]
 
@@ -202,9 +202,7 @@ class NamedLock:
             seen = ops.peek({"_id": self.name})
             return None, None if seen is None else time_left(seen, ops.fields)
 
-        record = retry_until(
-            attempt, wait_s, lambda: open_waker(ops.collection, self.name, ops.server_clock)
-        )
+        record = retry_until(attempt, wait_s, lambda: ops.waker(self.name))
         if record is None:
             return False
         self._stop_keepalive()

@@ -81,7 +81,7 @@ class PollingWaker:
 
 
 class ChangeStreamWaker:
-    """Wakes when the record with ``_id == key`` is written.
+    """Wakes on the change events that ``events`` (a ``$match`` filter) selects.
 
     The stream is opened before the attempt it guards is retried, so a change
     made between a failed attempt and the wait is not missed. If the stream
@@ -89,13 +89,14 @@ class ChangeStreamWaker:
     """
 
     def __init__(
-        self, collection: Any, key: Any, clock: Callable[[], float] = time.monotonic
+        self,
+        collection: Any,
+        events: dict[str, Any],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._clock = clock
         self._fallback: PollingWaker | None = None
-        self._stream = collection.watch(
-            [{"$match": {"documentKey._id": key}}], max_await_time_ms=STREAM_AWAIT_MS
-        )
+        self._stream = collection.watch([{"$match": events}], max_await_time_ms=STREAM_AWAIT_MS)
 
     def pause(self, timeout: float) -> None:
         if self._fallback is not None:
@@ -126,11 +127,12 @@ class ChangeStreamWaker:
             pass
 
 
-def open_waker(collection: Any, key: Any, use_stream: bool) -> Waker:
-    """A change-stream waker where the server supports one, else polling."""
+def open_waker(collection: Any, events: dict[str, Any], use_stream: bool) -> Waker:
+    """A change-stream waker on ``events`` where the server supports one, else
+    polling."""
     if use_stream:
         try:
-            return ChangeStreamWaker(collection, key)
+            return ChangeStreamWaker(collection, events)
         except PyMongoError as exc:
             # A standalone server has no change streams.
             log.debug("no change stream on %s (%s): polling", collection.full_name, exc)

@@ -297,26 +297,27 @@ class FakeCollection:
         return self.stream
 
 
-def test_open_waker_watches_the_one_record() -> None:
+def test_open_waker_watches_the_given_events() -> None:
     coll = FakeCollection(FakeStream([]))
-    waker = open_waker(coll, "the-key", True)
+    events = {"documentKey._id": "the-key"}
+    waker = open_waker(coll, events, True)
     assert isinstance(waker, ChangeStreamWaker)
-    assert coll.watched == [[{"$match": {"documentKey._id": "the-key"}}]]
+    assert coll.watched == [[{"$match": events}]]
     waker.close()
     assert coll.stream is not None and coll.stream.closed
 
 
 def test_open_waker_polls_without_change_streams() -> None:
-    assert isinstance(open_waker(FakeCollection(FakeStream([])), 1, False), PollingWaker)
+    assert isinstance(open_waker(FakeCollection(FakeStream([])), {}, False), PollingWaker)
     # A standalone server refuses to watch.
     refusing = FakeCollection(error=PyMongoError("not a replica set"))
-    assert isinstance(open_waker(refusing, 1, True), PollingWaker)
+    assert isinstance(open_waker(refusing, {}, True), PollingWaker)
 
 
 def test_change_stream_waker_returns_on_a_change() -> None:
     clock = FakeClock()
     stream = FakeStream([None, None, {"operationType": "update"}])
-    waker = ChangeStreamWaker(FakeCollection(stream), "k", clock=clock)
+    waker = ChangeStreamWaker(FakeCollection(stream), {}, clock=clock)
     waker.pause(5.0)  # the fake clock stands still: only the change ends it
     assert stream.reads == 3
 
@@ -324,7 +325,7 @@ def test_change_stream_waker_returns_on_a_change() -> None:
 def test_change_stream_waker_falls_back_to_polling_when_the_stream_breaks() -> None:
     clock = FakeClock()
     stream = FakeStream([PyMongoError("cursor killed")])
-    waker = ChangeStreamWaker(FakeCollection(stream), "k", clock=clock)
+    waker = ChangeStreamWaker(FakeCollection(stream), {}, clock=clock)
     waker.pause(5.0)
     assert stream.closed
     reads = stream.reads
