@@ -7,7 +7,7 @@ STAMP := $(VENV)/.install-stamp
 # benchmarks/ may not exist yet; ruff fails on a missing path.
 LINT_PATHS := $(wildcard mongoengine_lockable tests benchmarks)
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo clean faketime
 
 venv: $(STAMP)
 
@@ -17,10 +17,19 @@ $(STAMP): setup.cfg setup.py pyproject.toml
 	$(BIN)/python -m pip install -e '.[test,dev,cli]'
 	touch $(STAMP)
 
-test: venv
+test: venv faketime
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/mypy mongoengine_lockable
 	$(BIN)/pytest -q
+
+# The clock-skew tests run workers under Debian's faketime (libfaketime).
+faketime:
+	@command -v faketime >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime; \
+	  else \
+	    echo "faketime is missing: install Debian's 'faketime' package (the clock-skew tests need it)"; \
+	  fi; }
 
 demo: venv
 	$(BIN)/python -m mongoengine_lockable demo

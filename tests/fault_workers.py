@@ -1,0 +1,489 @@
+"""Worker processes for the fault tests: ``test_failover.py``,
+``test_crash_drain.py`` and ``test_clock_skew.py``.
+
+Each worker is a fresh interpreter started as::
+
+    python tests/fault_workers.py COMMAND '{"uri": ..., "db": ..., ...}'
+
+(under ``faketime`` for the clock-skew workers). It connects MongoEngine itself,
+nothing is inherited from the parent. The line protocol on its standard streams:
+
+- with ``"handshake": true`` it prints ``READY`` once connected and waits for a
+  line on stdin (``GO``), so that the parent can start every worker at the same
+  moment; an empty stdin (the parent died) makes it exit instead;
+- the ``skew`` worker prints ``REPORT {json}`` lines and waits for a line on
+  stdin after each, so that the parent can act while its leases are fresh;
+- errors go to stderr, and the exit status is non-zero.
+
+A worker that loops (``failover``, ``drain``) stops by itself: when the
+``stop`` file exists, when its parent is gone, or after ``max_seconds``; no
+worker outlives the test that started it.
+
+The models live here (not in ``tests/models.py``) so that the workers need
+nothing but this file and the installed package; :class:`Spawned` is the
+parent's side of a worker (standard library only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import select
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import mongoengine
+from mongoengine import Document
+from mongoengine.fields import BooleanField, IntField, StringField
+from pymongo import monitoring
+from pymongo.errors import PyMongoError
+from pymongo.write_concern import WriteConcern
+
+from mongoengine_lockable import LockableMixin, LockError, LockNotOwnedError, NamedLock
+
+WORKERS_SCRIPT = str(Path(__file__).resolve())
+REPO_ROOT = str(Path(WORKERS_SCRIPT).parents[1])
+
+
+class FailoverDoc(LockableMixin, Document):
+    """The document whose lease the fail-over workers pass around."""
+
+    name = StringField()
+
+    meta = {"collection": "failover_docs"}
+
+
+class DrainDoc(LockableMixin, Document):
+    """One unit of work of the crash-drain queue."""
+
+    n = IntField(required=True)
+    done = BooleanField(default=False)
+
+    # Equality on ``done``, then the lease's range: what a claim needs.
+    meta = {"collection": "drain_docs", "indexes": [("done", "locked_until")]}
+
+
+class SkewDoc(LockableMixin, Document):
+    """Documents leased by processes whose clocks are wrong."""
+
+    group = StringField(required=True)
+
+    meta = {"collection": "skew_docs", "indexes": [("group", "locked_until")]}
+
+
+#: Where the crash-drain workers record what they do, one document per step.
+HANDLINGS_COLLECTION = "handlings"
+
+#: The errors the fail-over workers expect, count and survive.
+EXPECTED_ERRORS = (LockError, PyMongoError)
+
+
+# -- shared plumbing -------------------------------------------------------------
+
+
+def connect(args: dict[str, Any], *listeners: Any) -> None:
+    """Connect MongoEngine's default alias to the test's database."""
+    mongoengine.connect(
+        db=args["db"],
+        host=args["uri"],
+        uuidRepresentation="standard",
+        event_listeners=list(listeners),
+    )
+
+
+def handshake(args: dict[str, Any]) -> None:
+    """Tell the parent we are connected; start when it says so."""
+    if not args.get("handshake"):
+        return
+    print("READY", flush=True)
+    if sys.stdin.readline().strip() != "GO":
+        sys.exit(3)  # EOF: the parent gave up on us (or died)
+
+
+class Stopper:
+    """When a looping worker should stop: the parent's ``stop`` file exists,
+    the parent is gone, or ``max_seconds`` have passed."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.stop_file = args.get("stop")
+        self.parent = os.getppid()
+        self.deadline = time.monotonic() + float(args.get("max_seconds", 120))
+
+    def __call__(self) -> bool:
+        if self.stop_file and os.path.exists(self.stop_file):
+            return True
+        return os.getppid() != self.parent or time.monotonic() > self.deadline
+
+
+class JsonLines:
+    """Appends one JSON object per line to a file, flushed at once, so that
+    the parent can read it while the worker runs (and after a SIGKILL)."""
+
+    def __init__(self, path: str) -> None:
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def write(self, **record: Any) -> None:
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class LogToLines(logging.Handler):
+    """Writes the library's warnings (e.g. "outcome of a lease change unknown;
+    reading it back") as ``{"event": "log"}`` records."""
+
+    def __init__(self, lines: JsonLines) -> None:
+        super().__init__(logging.WARNING)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.write(
+            event="log", t=record.created, logger=record.name, msg=record.getMessage()[:300]
+        )
+
+
+class FailedCommands(monitoring.CommandListener):
+    """Writes every command that failed at the driver level (a timeout, a
+    "not primary" reply), including those the driver then retried itself."""
+
+    def __init__(self, lines: JsonLines) -> None:
+        self.lines = lines
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        pass
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        failure = event.failure or {}
+        kind = failure.get("errtype") or failure.get("codeName") or "?"
+        self.lines.write(event="cmd_failed", t=time.time(), cmd=event.command_name, kind=kind)
+
+
+def describe(exc: BaseException) -> dict[str, Any]:
+    """An error as recorded: type, message and, if unexpected, the traceback."""
+    out: dict[str, Any] = {"type": type(exc).__name__, "msg": str(exc)[:300]}
+    if not isinstance(exc, EXPECTED_ERRORS):
+        out["unexpected"] = True
+        out["tb"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-3000:]
+    return out
+
+
+# -- failover: hold and release a lease over and over ----------------------------
+
+
+def cmd_failover(args: dict[str, Any]) -> None:
+    """Loop: take the lease (``lock(lease, wait=wait)`` on the document, or
+    ``NamedLock.acquire(wait=wait)``), hold it ``hold`` seconds, release it.
+
+    Every hold is written to ``out`` as ``{"event": "hold", kind, fence,
+    t_acquired, t_release_start, ok}`` where ``ok`` says whether ``release()``
+    returned without error; ``t_acquired`` is taken after the acquisition
+    returned and ``t_release_start`` before the release is sent (wall clock,
+    shared by all processes of the machine). Errors and unsuccessful waits are
+    written as events too; nothing goes to the database, which is failing over.
+    """
+    log = JsonLines(args["out"])
+    connect(args, FailedCommands(log))
+    kind = args["kind"]
+    lease, wait = args["lease"], args["wait"]
+    hold_min, hold_max = args["hold"]
+    logging.getLogger("mongoengine_lockable").addHandler(LogToLines(log))
+    stop = Stopper(args)
+    named = NamedLock(args["name"], lease) if kind == "named" else None
+    doc = FailoverDoc.objects.get(pk=args["doc_id"]) if kind == "doc" else None
+    handshake(args)
+    while not stop():
+        t_try = time.time()
+        try:
+            if named is not None:
+                got = named.acquire(wait=wait)
+                fence = named.fence
+            else:
+                assert doc is not None
+                got = doc.lock(lease, wait=wait)
+                fence = doc.lock_fence
+        except Exception as exc:
+            log.write(event="error", op="acquire", t=time.time(), t_try=t_try, **describe(exc))
+            time.sleep(0.05)
+            continue
+        if not got:
+            log.write(event="unavailable", t=time.time(), t_try=t_try)
+            continue
+        t_acquired = time.time()
+        time.sleep(random.uniform(hold_min, hold_max))
+        t_release_start = time.time()
+        ok = True
+        try:
+            if named is not None:
+                named.release()
+            else:
+                assert doc is not None
+                doc.release()
+        except Exception as exc:
+            ok = False
+            log.write(event="error", op="release", t=time.time(), fence=fence, **describe(exc))
+        log.write(
+            event="hold",
+            kind=kind,
+            fence=fence,
+            t_try=t_try,
+            t_acquired=t_acquired,
+            t_release_start=t_release_start,
+            t_released=time.time(),
+            ok=ok,
+        )
+    log.write(event="stopped", t=time.time())
+    log.close()
+
+
+# -- drain: claim, work, mark done, release; killed at random by the parent -------
+
+
+def cmd_drain(args: dict[str, Any]) -> None:
+    """Claim undone documents one at a time until none is left undone.
+
+    Each handling writes ``{doc, worker, fence, phase: "start", until}`` to
+    :data:`HANDLINGS_COLLECTION` once claimed (``until``: the lease's end as
+    stored, by the server's clock), then marks the document done
+    with ``update_if_held`` and writes ``phase: "done"``, then releases. A
+    lease lost before the fenced update writes ``phase: "lost"`` instead.
+    When a claim finds nothing but undone documents remain (leases of killed
+    workers that have not run out yet), the worker waits and tries again.
+    """
+    connect(args)
+    worker = args["worker"]
+    lease = args["lease"]
+    # Acknowledged by the primary alone: the server is not what fails here,
+    # and the parent reads the records only after every worker has exited.
+    handlings = mongoengine.get_db().get_collection(
+        HANDLINGS_COLLECTION, write_concern=WriteConcern(w=1)
+    )
+    stop = Stopper(args)
+    handshake(args)
+    while not stop():
+        doc = DrainDoc.objects(done=False).claim(lease)
+        if doc is None:
+            if not DrainDoc.objects(done=False).count():
+                break
+            time.sleep(0.05)
+            continue
+        fence = doc.lock_fence
+        handlings.insert_one(
+            {"doc": doc.pk, "worker": worker, "fence": fence, "phase": "start",
+             "until": doc.locked_until}
+        )
+        # The work: short, and random, so that kills land in every phase.
+        time.sleep(random.uniform(0, args["work"]))
+        try:
+            doc.update_if_held(set__done=True)
+        except LockNotOwnedError:
+            handlings.insert_one({"doc": doc.pk, "worker": worker, "fence": fence, "phase": "lost"})
+            continue
+        handlings.insert_one({"doc": doc.pk, "worker": worker, "fence": fence, "phase": "done"})
+        try:
+            doc.release()
+        except LockNotOwnedError:
+            handlings.insert_one(
+                {"doc": doc.pk, "worker": worker, "fence": fence, "phase": "release-late"}
+            )
+
+
+# -- skew: a process whose wall clock is hours off -------------------------------
+
+
+def server_now(collection: Any, pk: Any) -> Any:
+    """The server's ``$$NOW``, read through ``collection``'s document ``pk``."""
+    rows = list(collection.aggregate([{"$match": {"_id": pk}}, {"$project": {"now": "$$NOW"}}]))
+    return rows[0]["now"]
+
+
+def report(**fields: Any) -> None:
+    """Send one ``REPORT {json}`` line to the parent (datetimes in ISO format)
+    and wait for its go-ahead."""
+    print("REPORT " + json.dumps(fields, default=lambda d: d.isoformat()), flush=True)
+    if not sys.stdin.readline():
+        sys.exit(3)
+
+
+def cmd_skew(args: dict[str, Any]) -> None:
+    """Under ``faketime``: report the skewed clock, try to take leases that a
+    normal-clock process holds, then take leases of our own and report them.
+
+    First report: ``time`` (``time.time()``), ``utcnow`` (the datetime the
+    library's client clock would use) and the outcomes of ``lock()``,
+    ``claim()`` and ``NamedLock.acquire()`` on the held leases.
+    Second report: our own leases of ``lease`` seconds: the stored document
+    (``locked_until``, fence) and the named-lock record (``locked_until``,
+    ``acquired_at``), each with the server's ``$$NOW`` read right before and
+    right after the grant. Then it exits, leaving both leases to run out.
+    """
+    from datetime import datetime, timezone
+
+    connect(args)
+    held = SkewDoc.objects.get(pk=args["held_doc"])
+    # Only held documents are in group "held-claim" (another than the one
+    # for lock(), so that each attempt meets a lease of the normal process).
+    claimed = SkewDoc.objects(group="held-claim").claim(args["lease"])
+    report(
+        time=time.time(),
+        utcnow=datetime.now(timezone.utc).replace(tzinfo=None),
+        lock=held.lock(args["lease"]),
+        claim=None if claimed is None else str(claimed.pk),
+        acquire=NamedLock(args["held_name"], args["lease"]).acquire(),
+    )
+    own = SkewDoc.objects.get(pk=args["own_doc"])
+    collection = SkewDoc._get_collection()
+    # The server's clock read just before and just after each grant brackets
+    # the grant's own server time.
+    doc_before = server_now(collection, own.pk)
+    doc_ok = own.lock(args["lease"])
+    doc_after = server_now(collection, own.pk)
+    named = NamedLock(args["own_name"], args["lease"])
+    named_before = server_now(collection, own.pk)
+    named_ok = named.acquire()
+    named_after = server_now(collection, own.pk)
+    record = mongoengine.get_db()["lockable_named_locks"].find_one({"_id": args["own_name"]})
+    report(
+        doc_ok=doc_ok,
+        doc_locked_until=own.locked_until,
+        doc_fence=own.lock_fence,
+        doc_before=doc_before,
+        doc_after=doc_after,
+        named_ok=named_ok,
+        named_fence=named.fence,
+        named_locked_until=record["locked_until"] if record else None,
+        named_acquired_at=record["acquired_at"] if record else None,
+        named_before=named_before,
+        named_after=named_after,
+    )
+
+
+COMMANDS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "failover": cmd_failover,
+    "drain": cmd_drain,
+    "skew": cmd_skew,
+}
+
+
+# -- the parent's side -----------------------------------------------------------
+
+
+class Spawned:
+    """One worker process, seen from the test: started, talked to, reaped.
+
+    :param prefix: a command to run the interpreter under (``faketime ...``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        command: str,
+        args: dict[str, Any],
+        tmp_path: Path,
+        prefix: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.stderr_path = tmp_path / f"{name}.stderr"
+        self._stderr = open(self.stderr_path, "wb")
+        self._pending = b""
+        argv = [*prefix, sys.executable, WORKERS_SCRIPT, command, json.dumps(args)]
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            bufsize=0,
+            env=None if env is None else {**os.environ, **env},
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def describe(self) -> str:
+        """Exit status and stderr tail, for failure messages."""
+        self._stderr.flush()
+        tail = self.stderr_path.read_bytes().decode(errors="replace")[-3000:]
+        return f"worker {self.name} (pid {self.proc.pid}, exit {self.proc.poll()}); stderr:\n{tail}"
+
+    def read_line(self, timeout: float) -> str:
+        """The next line the worker prints, waiting at most ``timeout``."""
+        line = self.poll_line(timeout)
+        if line is None:
+            raise AssertionError(f"no line in {timeout} s from {self.describe()}")
+        return line
+
+    def poll_line(self, timeout: float = 0.0) -> str | None:
+        """The next line the worker prints, or ``None`` if there is none
+        within ``timeout`` seconds (0: only what was already printed)."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            left = max(deadline - time.monotonic(), 0.0)
+            readable, _, _ = select.select([fd], [], [], left)
+            if not readable:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                self.proc.wait(timeout=10)
+                raise AssertionError(f"stdout closed early by {self.describe()}")
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode()
+
+    def expect(self, prefix: str, timeout: float) -> str:
+        """Read the next line, which must start with ``prefix``; return the rest."""
+        line = self.read_line(timeout)
+        if not line.startswith(prefix):
+            raise AssertionError(f"expected {prefix!r}, got {line!r} from {self.describe()}")
+        return line[len(prefix):].strip()
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def join(self, timeout: float) -> int:
+        """Wait for the exit; kill the worker if it takes longer than ``timeout``."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"timed out after {timeout} s: {self.describe()}") from None
+
+    def kill(self) -> None:
+        """SIGKILL (by pid, through Popen) and reap."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def cleanup(self) -> None:
+        try:
+            self.kill()
+        finally:
+            for stream in (self.proc.stdin, self.proc.stdout, self._stderr):
+                if stream is not None:
+                    stream.close()
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[0] not in COMMANDS:
+        sys.exit(f"usage: fault_workers.py {{{','.join(COMMANDS)}}} JSON_ARGS")
+    COMMANDS[argv[0]](json.loads(argv[1]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

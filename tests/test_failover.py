@@ -1,0 +1,302 @@
+"""Leases through a fail-over: the primary of a 3-member replica set is frozen
+(``SIGSTOP``) for longer than an election while worker processes keep taking,
+holding and releasing a document lease and a named lock.
+
+Three workers pass one document's lease around, two a named lock
+(``tests/fault_workers.py``, command ``failover``). Each records every hold to
+a file of its own (the database is what is failing over): when the acquisition
+returned, when the release was sent, and whether ``release()`` succeeded (a
+"completed" hold). What must hold throughout:
+
+- no two completed holds of the same lock overlap in time;
+- their fences grow with the time of acquisition;
+- a new primary is elected while the old one is frozen, and every worker
+  completes holds again after it is let go (when it steps down and rolls back
+  whatever it had not replicated).
+
+Timings and counts are printed (run with ``-s``); the only time limits are
+generous ones that turn a hang into a failure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from pymongo import MongoClient
+from pymongo.write_concern import WriteConcern
+
+from mongoengine_lockable.testing import MongodNotFoundError, MongodReplicaSet, find_mongod
+
+if __package__:
+    from . import fault_workers
+else:  # tests/ is not a package: pytest put it on sys.path
+    import fault_workers
+
+#: The workers' client: a call stuck on the frozen primary times out after
+#: 4 s; then the driver waits for a new primary (up to 30 s), watching the set
+#: every 0.5 s. connectTimeoutMS bounds the handshake of a new connection: the
+#: driver's retry opens one to the primary it still believes in, and a frozen
+#: mongod's kernel accepts the TCP connection, so without it the retry waits
+#: the default 20 s (measured: every call in flight at the pause then hung
+#: until the resume).
+CLIENT_OPTIONS = (
+    "socketTimeoutMS=4000&connectTimeoutMS=2000&serverSelectionTimeoutMS=30000"
+    "&heartbeatFrequencyMS=500"
+)
+
+DOC_WORKERS = 3
+NAMED_WORKERS = 2
+LEASE = 1.5
+WAIT = 5
+HOLD = (0.02, 0.05)
+LOCK_NAME = "failover-named"
+
+#: The timeline, in seconds: normal running, the primary frozen, then running
+#: on until every worker has made progress (at least AFTER_MIN, at most
+#: PROGRESS_LIMIT after the resume).
+BEFORE = 4.0
+PAUSED = 8.0
+AFTER_MIN = 6.0
+PROGRESS_LIMIT = 30.0
+START_TIMEOUT = 60.0
+JOIN_TIMEOUT = 45.0
+
+
+def _required() -> bool:
+    value = os.environ.get("LOCKABLE_REQUIRE_MONGOD", "").strip().lower()
+    return value in ("1", "true", "yes", "on")
+
+
+@pytest.fixture(scope="module")
+def replica_set() -> Iterator[MongodReplicaSet]:
+    """A 3-member replica set for this module, stopped (by pid) at its end;
+    ``stop()`` sends ``SIGCONT`` first, so a member left paused stops too."""
+    problem = None
+    try:
+        binary = find_mongod()
+    except MongodNotFoundError as exc:
+        problem = str(exc)
+    if problem is None and importlib.util.find_spec("mirakuru") is None:
+        problem = "mirakuru is not installed (pip install 'mongoengine-lockable[test]')"
+    if problem is not None:
+        if _required():
+            pytest.fail(f"LOCKABLE_REQUIRE_MONGOD is set: {problem}", pytrace=False)
+        pytest.skip(problem)
+    rs = MongodReplicaSet(3, binary=binary)
+    rs.start()
+    try:
+        yield rs
+    finally:
+        rs.stop()
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The worker's records so far (a line being written is skipped)."""
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            pass
+    return events
+
+
+def completed_after(events: list[dict[str, Any]], since: float) -> int:
+    return sum(
+        1 for e in events if e["event"] == "hold" and e["ok"] and e["t_acquired"] >= since
+    )
+
+
+def assert_exclusive(holds: list[dict[str, Any]], what: str) -> None:
+    """No two intervals [t_acquired, t_release_start] overlap, and fences grow
+    strictly in order of acquisition."""
+    holds = sorted(holds, key=lambda h: h["t_acquired"])
+    overlaps = []
+    latest: dict[str, Any] | None = None  # the hold that ends last so far
+    for hold in holds:
+        if latest is not None and hold["t_acquired"] < latest["t_release_start"]:
+            overlaps.append((latest, hold))
+        if latest is None or hold["t_release_start"] > latest["t_release_start"]:
+            latest = hold
+    assert not overlaps, f"{what}: {len(overlaps)} overlapping completed holds: {overlaps[:5]}"
+    fences = [h["fence"] for h in holds]
+    backwards = [(a, b) for a, b in zip(holds, holds[1:]) if b["fence"] <= a["fence"]]
+    assert not backwards, f"{what}: fences not strictly increasing: {backwards[:5]}"
+    assert len(set(fences)) == len(fences)
+
+
+def _hold(start: float, end: float, fence: int) -> dict[str, Any]:
+    return {"t_acquired": start, "t_release_start": end, "fence": fence}
+
+
+def test_exclusivity_check_catches_overlaps_and_fences() -> None:
+    """The checker itself: it passes back-to-back holds and catches an overlap
+    (also one hidden inside a long hold) and a fence that does not grow."""
+    assert_exclusive([_hold(0, 1, 1), _hold(1, 2, 2), _hold(2.5, 3, 7)], "ok")
+    with pytest.raises(AssertionError, match="overlapping"):
+        assert_exclusive([_hold(0, 2, 1), _hold(1, 3, 2)], "x")
+    with pytest.raises(AssertionError, match="overlapping"):
+        assert_exclusive([_hold(0, 5, 1), _hold(1, 2, 2), _hold(6, 7, 3)], "x")
+    with pytest.raises(AssertionError, match="fences"):
+        assert_exclusive([_hold(0, 1, 2), _hold(2, 3, 2)], "x")
+    with pytest.raises(AssertionError, match="fences"):
+        assert_exclusive([_hold(0, 1, 3), _hold(2, 3, 2)], "x")
+
+
+@pytest.mark.slow
+def test_leases_survive_primary_freeze(replica_set: MongodReplicaSet, tmp_path: Path) -> None:
+    rs = replica_set
+    db_name = f"lockable_failover_{ObjectId()}"
+    admin: MongoClient[dict[str, Any]] = MongoClient(rs.uri, serverSelectionTimeoutMS=30_000)
+    try:
+        doc_id = ObjectId()
+        admin[db_name].get_collection(
+            "failover_docs", write_concern=WriteConcern("majority")
+        ).insert_one({"_id": doc_id, "name": "failover", "lock_fence": 0})
+    finally:
+        admin.close()
+
+    uri = f"{rs.uri}&{CLIENT_OPTIONS}"
+    stop_file = tmp_path / "stop"
+    common = {
+        "uri": uri,
+        "db": db_name,
+        "lease": LEASE,
+        "wait": WAIT,
+        "hold": list(HOLD),
+        "stop": str(stop_file),
+        "handshake": True,
+        "max_seconds": 180,
+    }
+    specs = [(f"doc-{i}", {"kind": "doc", "doc_id": str(doc_id)}) for i in range(DOC_WORKERS)]
+    specs += [(f"named-{i}", {"kind": "named", "name": LOCK_NAME}) for i in range(NAMED_WORKERS)]
+    workers: list[fault_workers.Spawned] = []
+    paths: dict[str, Path] = {}
+    paused: int | None = None
+    try:
+        for name, extra in specs:
+            paths[name] = tmp_path / f"{name}.jsonl"
+            args = {**common, **extra, "out": str(paths[name])}
+            workers.append(fault_workers.Spawned(name, "failover", args, tmp_path))
+        for worker in workers:
+            worker.expect("READY", START_TIMEOUT)
+        t_start = time.time()
+        for worker in workers:
+            worker.send("GO")
+
+        time.sleep(BEFORE)
+        old_primary = rs.primary_index()
+        assert old_primary is not None, "no primary before the pause"
+        t_pause = time.time()
+        rs.pause(old_primary)
+        paused = old_primary
+        new_primary = None
+        t_elected = None
+        while time.time() < t_pause + PAUSED:
+            if new_primary is None:
+                found = rs.primary_index(timeout=0.5)
+                if found is not None and found != old_primary:
+                    new_primary, t_elected = found, time.time()
+            time.sleep(0.1)
+        t_resume = time.time()
+        rs.resume(old_primary)
+        paused = None
+
+        # Run on until every worker has completed a hold since the resume.
+        while True:
+            now = time.time()
+            lagging = [n for n, p in paths.items() if not completed_after(read_events(p), t_resume)]
+            if now >= t_resume + AFTER_MIN and not lagging:
+                break
+            if now >= t_resume + PROGRESS_LIMIT:
+                break
+            for worker in workers:
+                if worker.proc.poll() is not None:
+                    pytest.fail(f"worker died: {worker.describe()}", pytrace=False)
+            time.sleep(0.2)
+        t_stop = time.time()
+        stop_file.touch()
+        for worker in workers:
+            code = worker.join(JOIN_TIMEOUT)
+            assert code == 0, worker.describe()
+        final_primary = rs.primary_index()
+    finally:
+        if paused is not None:
+            rs.resume(paused)
+        for worker in workers:
+            worker.cleanup()
+
+    timeline = {"start": t_start, "pause": t_pause, "elected": t_elected, "resume": t_resume,
+                "stop": t_stop, "old_primary": old_primary, "new_primary": new_primary}
+    (tmp_path / "timeline.json").write_text(json.dumps(timeline))
+    events = {name: read_events(path) for name, path in paths.items()}
+    holds = [e for evs in events.values() for e in evs if e["event"] == "hold"]
+    completed = [h for h in holds if h["ok"]]
+    errors = Counter(
+        f"{e['op']}:{e['type']}" for evs in events.values() for e in evs if e["event"] == "error"
+    )
+    unavailable = sum(1 for evs in events.values() for e in evs if e["event"] == "unavailable")
+    failed_commands = Counter(
+        f"{e['cmd']}:{e['kind']}" for evs in events.values() for e in evs
+        if e["event"] == "cmd_failed"
+    )
+    read_backs = sum(
+        1 for evs in events.values() for e in evs
+        if e["event"] == "log" and "reading it back" in e["msg"]
+    )
+    slowest_acquire = max(h["t_acquired"] - h["t_try"] for h in holds)
+    slowest_release = max(h["t_released"] - h["t_release_start"] for h in holds)
+
+    def phase(t: float) -> str:
+        return "before" if t < t_pause else "during" if t < t_resume else "after"
+
+    by_phase = Counter(f"{h['kind']}/{phase(h['t_acquired'])}" for h in completed)
+    print(
+        f"\nfail-over: primary {old_primary} frozen {t_resume - t_pause:.1f} s "
+        f"(after {t_pause - t_start:.1f} s); new primary {new_primary} elected after "
+        f"{(t_elected - t_pause) if t_elected else float('nan'):.1f} s; primary at the end "
+        f"{final_primary}; ran {t_stop - t_resume:.1f} s after the resume"
+    )
+    print(f"completed holds by lock/phase: {dict(sorted(by_phase.items()))}")
+    print(
+        f"holds: {len(holds)}, completed {len(completed)}, release failed "
+        f"{len(holds) - len(completed)}; waits that gave up: {unavailable}"
+    )
+    print(f"errors by op:type: {dict(sorted(errors.items()))}; read-backs after an "
+          f"unknown outcome: {read_backs}")
+    print(f"commands failed at the driver (retried by it or not): "
+          f"{dict(sorted(failed_commands.items()))}")
+    print(f"slowest acquire (call to return): {slowest_acquire:.1f} s; slowest release: "
+          f"{slowest_release:.1f} s")
+    for name, evs in events.items():
+        first = [e["t_acquired"] - t_resume for e in evs
+                 if e["event"] == "hold" and e["ok"] and e["t_acquired"] >= t_resume][:1]
+        after = f"+{first[0]:.2f} s" if first else "none"
+        print(f"  {name}: {completed_after(evs, 0)} completed, first after resume: {after}")
+
+    unexpected = [e for evs in events.values() for e in evs if e.get("unexpected")]
+    assert not unexpected, f"unexpected errors in workers: {unexpected[:3]}"
+    assert new_primary is not None, f"no new primary elected in the {PAUSED} s pause"
+    assert new_primary != old_primary
+    for kind in ("doc", "named"):
+        kind_holds = [h for h in completed if h["kind"] == kind]
+        assert kind_holds, f"no completed {kind} hold at all"
+        assert_exclusive(kind_holds, kind)
+    for name, evs in events.items():
+        late = [
+            e for e in evs
+            if e["event"] == "hold" and e["ok"] and t_resume <= e["t_acquired"] <= t_resume
+            + PROGRESS_LIMIT
+        ]
+        assert late, f"{name} completed no hold within {PROGRESS_LIMIT} s after the resume"
