@@ -329,15 +329,27 @@ class LeaseOps:
             ends = now if acquired_at is None else acquired_at + timedelta(milliseconds=min_hold_ms)
             update = {"$set": {f.until: max(now, ends)}, "$unset": {"token": ""}}
 
+        ours = combine(match, self.mine(owner, fence))
+
+        def released(seen: Mapping[str, Any]) -> bool:
+            return seen.get(f.until) is None if f.acquired_at is None else "token" not in seen
+
         def resolve() -> dict[str, Any] | None:
-            seen = self.read_back(combine(match, self.mine(owner, fence)))
+            seen = self.read_back(ours)
             if seen is None:
                 return None  # taken by another since: not ours to release
-            released = seen.get(f.until) is None if f.acquired_at is None else "token" not in seen
-            if released:
+            if released(seen):
                 return seen
-            # Not released: send it again; the server decides whether it is held.
-            return self._find_and_modify(query, update, projection=projection)
+            # Not released as a majority sees it: send it again; the server
+            # decides whether the lease is still held.
+            again = self._find_and_modify(query, update, projection=projection)
+            if again is None:
+                # Our first release may be applied but not yet majority-committed.
+                with self._guard:
+                    local: dict[str, Any] | None = self.collection.find_one(ours)
+                if local is not None and released(local):
+                    return local
+            return again
 
         return self._find_and_modify(query, update, projection=projection, resolve=resolve)
 
