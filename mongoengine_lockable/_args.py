@@ -65,10 +65,8 @@ def wait_seconds(value: object, what: str = "wait") -> float | None:
     return seconds
 
 
-def owner_string(value: object, what: str = "owner") -> str | None:
-    """Check an ``owner`` argument: ``None`` or a non-empty ``str``."""
-    if value is None:
-        return None
+def text(value: object, what: str) -> str:
+    """Check a non-empty ``str`` argument."""
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, not {type(value).__name__}")
     if not value:
@@ -76,12 +74,14 @@ def owner_string(value: object, what: str = "owner") -> str | None:
     return value
 
 
+def owner_string(value: object, what: str = "owner") -> str | None:
+    """Check an ``owner`` argument: ``None`` or a non-empty ``str``."""
+    return None if value is None else text(value, what)
+
+
 def lock_name(value: object) -> str:
     """Check a named lock's name: a non-empty ``str`` of at most 1000 characters."""
-    if not isinstance(value, str):
-        raise TypeError(f"lock name must be a str, not {type(value).__name__}")
-    if not value:
-        raise ValueError("lock name must not be empty")
+    value = text(value, "lock name")
     if len(value) > MAX_NAME_LENGTH:
         raise ValueError(
             f"lock name is {len(value)} characters long, at most {MAX_NAME_LENGTH} are allowed"

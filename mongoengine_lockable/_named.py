@@ -74,11 +74,7 @@ def _collection_name(value: object, what: str) -> str:
 
 
 def _alias(value: object) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"alias must be a str, not {type(value).__name__}")
-    if not value:
-        raise ValueError("alias must not be empty")
-    return value
+    return _args.text(value, "alias")
 
 
 def _ops_on(alias: str, collection: str, write_concern: WriteConcern | None) -> LeaseOps:
