@@ -47,8 +47,15 @@ def duration_ms(value: object, what: str = "duration") -> int:
     if seconds <= 0:
         raise ValueError(f"{what} must be positive, not {value!r}")
     # MongoDB dates have millisecond precision; round up so that a tiny positive
-    # duration still grants a lease.
-    return max(1, math.ceil(seconds * 1000))
+    # duration still grants a lease, exactly (seconds * 1000 in floating point
+    # would turn 2.007 s into 2008 ms).
+    if isinstance(value, timedelta):
+        ms = -(-(value // timedelta(microseconds=1)) // 1000)
+    elif isinstance(value, int):
+        ms = value * 1000
+    else:
+        ms = math.ceil(round(seconds * 1000, 6))
+    return max(1, ms)
 
 
 def wait_seconds(value: object, what: str = "wait") -> float | None:

@@ -102,6 +102,23 @@ def client_now() -> datetime:
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
+def checked_write_concern(write_concern: object, what: str = "write concern") -> WriteConcern:
+    """The write concern of lease changes: ``None`` means ``majority``.
+
+    :raises TypeError: not a :class:`~pymongo.write_concern.WriteConcern`.
+    :raises ValueError: unacknowledged (``w=0``): the caller could not know
+        whether it won a lease.
+    """
+    if write_concern is None:
+        return DEFAULT_WRITE_CONCERN
+    if not isinstance(write_concern, WriteConcern):
+        kind = type(write_concern).__name__
+        raise TypeError(f"{what} must be a pymongo WriteConcern, not {kind}")
+    if not write_concern.acknowledged:
+        raise ValueError(f"{what} must be acknowledged (w=0 cannot tell who won a lease)")
+    return write_concern
+
+
 def is_ambiguous(exc: PyMongoError) -> bool:
     """Could the write behind ``exc`` have been applied, or later be?
 
@@ -143,10 +160,11 @@ class LeaseOps:
     ) -> None:
         self.source = collection
         self.fields = fields
+        write_concern = checked_write_concern(write_concern)
         self.server_clock = not is_mongomock(collection)
         # Reads that decide lease state must see the primary's latest writes.
         self.collection: Collection[Any] = collection.with_options(
-            write_concern=write_concern or DEFAULT_WRITE_CONCERN,
+            write_concern=write_concern,
             read_preference=ReadPreference.PRIMARY,
         )
         self._majority = self.collection.with_options(read_concern=ReadConcern("majority"))

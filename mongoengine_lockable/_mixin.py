@@ -20,6 +20,7 @@ from ._lease import (
     DOCUMENT_FIELDS,
     HELD,
     LeaseOps,
+    checked_write_concern,
     lease_ops_for,
     new_owner,
     time_left,
@@ -113,6 +114,8 @@ class LockableMixin:
     # -- plumbing -------------------------------------------------------------
 
     def _lease_ops(self) -> LeaseOps:
+        # Checked before the collection is touched (its first use creates indexes).
+        checked_write_concern(type(self).lock_write_concern, "lock_write_concern")
         return lease_ops_for(type(self), self._get_collection())
 
     def _lease_match(self) -> dict[str, Any]:
@@ -322,6 +325,8 @@ class LockableMixin:
             raise TypeError(f"update_if_held(): {exc}") from None
         except ValidationError as exc:
             raise ValueError(f"update_if_held(): {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"update_if_held(): {self._bad_update_value(update, exc)}") from None
         if not isinstance(raw_update, dict):
             raise TypeError("update_if_held() takes operator updates, not an update pipeline")
         for operator, changes in raw_update.items():
@@ -343,6 +348,15 @@ class LockableMixin:
         if raw is None:
             raise self._not_owned("update", held.owner)
         self._load_stored(raw)
+
+    def _bad_update_value(self, update: dict[str, Any], exc: Exception) -> str:
+        """Name the keyword whose value the field refused."""
+        for key, value in update.items():
+            try:
+                transform.update(type(self), **{key: value})
+            except (TypeError, ValueError):
+                return f"invalid value {value!r} for {key}: {exc}"
+        return str(exc)  # pragma: no cover - only a combination failed
 
     def is_locked(self) -> bool:
         """Read the database: is an unexpired lease held on this document now?

@@ -33,7 +33,7 @@ from pymongo.write_concern import WriteConcern
 from . import _args, signals
 from ._errors import LockNotOwnedError, LockUnavailableError
 from ._keepalive import KeepAlive
-from ._lease import HELD, NAMED_FIELDS, LeaseOps, new_owner, time_left
+from ._lease import HELD, NAMED_FIELDS, LeaseOps, checked_write_concern, new_owner, time_left
 from ._waiting import retry_until
 
 __all__ = ["DEFAULT_COLLECTION", "NamedLock", "exclusive"]
@@ -154,11 +154,7 @@ class NamedLock:
             raise ValueError(f"min_hold ({hold} s) must not exceed duration ({self._ms / 1000} s)")
         self.alias = _alias(alias)
         self.collection = _collection_name(collection, "collection")
-        if write_concern is not None and not isinstance(write_concern, WriteConcern):
-            raise TypeError(
-                f"write_concern must be a pymongo WriteConcern, not {type(write_concern).__name__}"
-            )
-        self._write_concern = write_concern
+        self._write_concern = checked_write_concern(write_concern, "write_concern")
         #: Fence of this instance's latest grant; ``None`` before the first.
         self.fence: int | None = None
         self._held: _Acquired | None = None
