@@ -6,7 +6,8 @@ Each worker is a fresh interpreter started as::
     python tests/fault_workers.py COMMAND '{"uri": ..., "db": ..., ...}'
 
 (under ``faketime`` for the clock-skew workers). It connects MongoEngine itself,
-nothing is inherited from the parent. The line protocol on its standard streams:
+nothing is inherited from the parent. The line protocol on its standard streams
+(that of ``tests/_children.py``, whose ``Child`` is the parent's side):
 
 - with ``"handshake": true`` it prints ``READY`` once connected and waits for a
   line on stdin (``GO``), so that the parent can start every worker at the same
@@ -20,8 +21,7 @@ A worker that loops (``failover``, ``drain``) stops by itself: when the
 worker outlives the test that started it.
 
 The models live here (not in ``tests/models.py``) so that the workers need
-nothing but this file and the installed package; :class:`Spawned` is the
-parent's side of a worker (standard library only).
+nothing but this file, ``_children.py`` and the installed package.
 """
 
 from __future__ import annotations
@@ -30,12 +30,9 @@ import json
 import logging
 import os
 import random
-import select
-import subprocess
 import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Any, Callable
 
 import mongoengine
@@ -47,8 +44,10 @@ from pymongo.write_concern import WriteConcern
 
 from mongoengine_lockable import LockableMixin, LockError, LockNotOwnedError, NamedLock
 
-WORKERS_SCRIPT = str(Path(__file__).resolve())
-REPO_ROOT = str(Path(WORKERS_SCRIPT).parents[1])
+if __package__:
+    from . import _children
+else:  # run as a script, or imported with tests/ on sys.path
+    import _children
 
 
 class FailoverDoc(LockableMixin, Document):
@@ -87,23 +86,10 @@ EXPECTED_ERRORS = (LockError, PyMongoError)
 # -- shared plumbing -------------------------------------------------------------
 
 
-def connect(args: dict[str, Any], *listeners: Any) -> None:
-    """Connect MongoEngine's default alias to the test's database."""
-    mongoengine.connect(
-        db=args["db"],
-        host=args["uri"],
-        uuidRepresentation="standard",
-        event_listeners=list(listeners),
-    )
-
-
 def handshake(args: dict[str, Any]) -> None:
     """Tell the parent we are connected; start when it says so."""
-    if not args.get("handshake"):
-        return
-    print("READY", flush=True)
-    if sys.stdin.readline().strip() != "GO":
-        sys.exit(3)  # EOF: the parent gave up on us (or died)
+    if args.get("handshake"):
+        _children.ready_then_wait_for_go()
 
 
 class Stopper:
@@ -193,7 +179,7 @@ def cmd_failover(args: dict[str, Any]) -> None:
     written as events too; nothing goes to the database, which is failing over.
     """
     log = JsonLines(args["out"])
-    connect(args, FailedCommands(log))
+    _children.connect(args, event_listeners=[FailedCommands(log)])
     kind = args["kind"]
     lease, wait = args["lease"], args["wait"]
     hold_min, hold_max = args["hold"]
@@ -260,7 +246,7 @@ def cmd_drain(args: dict[str, Any]) -> None:
     When a claim finds nothing but undone documents remain (leases of killed
     workers that have not run out yet), the worker waits and tries again.
     """
-    connect(args)
+    _children.connect(args)
     worker = args["worker"]
     lease = args["lease"]
     # Acknowledged by the primary alone: the server is not what fails here,
@@ -310,9 +296,8 @@ def server_now(collection: Any, pk: Any) -> Any:
 def report(**fields: Any) -> None:
     """Send one ``REPORT {json}`` line to the parent (datetimes in ISO format)
     and wait for its go-ahead."""
-    print("REPORT " + json.dumps(fields, default=lambda d: d.isoformat()), flush=True)
-    if not sys.stdin.readline():
-        sys.exit(3)
+    _children.say("REPORT", **fields)
+    _children.hear()
 
 
 def cmd_skew(args: dict[str, Any]) -> None:
@@ -329,7 +314,7 @@ def cmd_skew(args: dict[str, Any]) -> None:
     """
     from datetime import datetime, timezone
 
-    connect(args)
+    _children.connect(args)
     held = SkewDoc.objects.get(pk=args["held_doc"])
     # Only held documents are in group "held-claim" (another than the one
     # for lock(), so that each attempt meets a lease of the normal process).
@@ -375,115 +360,5 @@ COMMANDS: dict[str, Callable[[dict[str, Any]], None]] = {
 }
 
 
-# -- the parent's side -----------------------------------------------------------
-
-
-class Spawned:
-    """One worker process, seen from the test: started, talked to, reaped.
-
-    :param prefix: a command to run the interpreter under (``faketime ...``).
-    """
-
-    def __init__(
-        self,
-        name: str,
-        command: str,
-        args: dict[str, Any],
-        tmp_path: Path,
-        prefix: tuple[str, ...] = (),
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.name = name
-        self.stderr_path = tmp_path / f"{name}.stderr"
-        self._stderr = open(self.stderr_path, "wb")
-        self._pending = b""
-        argv = [*prefix, sys.executable, WORKERS_SCRIPT, command, json.dumps(args)]
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=REPO_ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            bufsize=0,
-            env=None if env is None else {**os.environ, **env},
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def describe(self) -> str:
-        """Exit status and stderr tail, for failure messages."""
-        self._stderr.flush()
-        tail = self.stderr_path.read_bytes().decode(errors="replace")[-3000:]
-        return f"worker {self.name} (pid {self.proc.pid}, exit {self.proc.poll()}); stderr:\n{tail}"
-
-    def read_line(self, timeout: float) -> str:
-        """The next line the worker prints, waiting at most ``timeout``."""
-        line = self.poll_line(timeout)
-        if line is None:
-            raise AssertionError(f"no line in {timeout} s from {self.describe()}")
-        return line
-
-    def poll_line(self, timeout: float = 0.0) -> str | None:
-        """The next line the worker prints, or ``None`` if there is none
-        within ``timeout`` seconds (0: only what was already printed)."""
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._pending:
-            left = max(deadline - time.monotonic(), 0.0)
-            readable, _, _ = select.select([fd], [], [], left)
-            if not readable:
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                self.proc.wait(timeout=10)
-                raise AssertionError(f"stdout closed early by {self.describe()}")
-            self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
-        return line.decode()
-
-    def expect(self, prefix: str, timeout: float) -> str:
-        """Read the next line, which must start with ``prefix``; return the rest."""
-        line = self.read_line(timeout)
-        if not line.startswith(prefix):
-            raise AssertionError(f"expected {prefix!r}, got {line!r} from {self.describe()}")
-        return line[len(prefix):].strip()
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def join(self, timeout: float) -> int:
-        """Wait for the exit; kill the worker if it takes longer than ``timeout``."""
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"timed out after {timeout} s: {self.describe()}") from None
-
-    def kill(self) -> None:
-        """SIGKILL (by pid, through Popen) and reap."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-
-    def cleanup(self) -> None:
-        try:
-            self.kill()
-        finally:
-            for stream in (self.proc.stdin, self.proc.stdout, self._stderr):
-                if stream is not None:
-                    stream.close()
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[0] not in COMMANDS:
-        sys.exit(f"usage: fault_workers.py {{{','.join(COMMANDS)}}} JSON_ARGS")
-    COMMANDS[argv[0]](json.loads(argv[1]))
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    _children.run_worker(sys.argv[1:], COMMANDS)

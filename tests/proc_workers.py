@@ -5,7 +5,7 @@ Each worker is a fresh interpreter started as::
     python tests/proc_workers.py COMMAND '{"uri": ..., "db": ..., ...}'
 
 It connects MongoEngine itself (nothing is inherited from the parent), then
-follows a small line protocol on its standard streams:
+follows the line protocol of ``tests/_children.py`` on its standard streams:
 
 - it prints ``READY`` once connected and waits for a line on stdin (``GO``), so
   that the parent can start all workers' work at the same moment; an empty
@@ -18,7 +18,7 @@ blocks on stdin until EOF: the parent kills it with ``SIGKILL`` (and if the
 parent dies first, the EOF ends it: no orphan keeps running).
 
 The models live here (not in ``tests/models.py``) so that the workers need
-nothing but this file and the installed package.
+nothing but this file, ``_children.py`` and the installed package.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ from mongoengine import Document
 from mongoengine.fields import IntField, StringField
 
 from mongoengine_lockable import LockableMixin
+
+if __package__:
+    from . import _children
+else:  # run as a script, or imported with tests/ on sys.path
+    import _children
 
 
 class ProcCounter(LockableMixin, Document):
@@ -64,24 +69,6 @@ HANDLED_COLLECTION = "proc_handled"
 COUNTER_LEASE = 5
 
 
-def connect(args: dict[str, Any]) -> None:
-    """Connect MongoEngine's default alias to the test's database."""
-    mongoengine.connect(
-        db=args["db"],
-        host=args["uri"],
-        uuidRepresentation="standard",
-        serverSelectionTimeoutMS=20_000,
-    )
-
-
-def ready_then_wait_for_go() -> None:
-    """Tell the parent we are connected; start when it says so."""
-    print("READY", flush=True)
-    if sys.stdin.readline().strip() != "GO":
-        # EOF: the parent gave up on us (or died).
-        sys.exit(3)
-
-
 def write_result(args: dict[str, Any], result: dict[str, Any]) -> None:
     result["pid"] = os.getpid()
     tmp = args["out"] + ".tmp"
@@ -103,11 +90,10 @@ def cmd_counter(args: dict[str, Any]) -> None:
     """``iterations`` non-atomic increments of one counter (read with
     ``find_one``, pause, write value + 1 with ``update_one``), each inside a
     lease when ``locked``, else bare. Result: the fence of every acquisition."""
-    connect(args)
     counter = ProcCounter.objects.get(pk=args["counter_id"])
     collection = ProcCounter._get_collection()
     query = {"_id": counter.pk}
-    ready_then_wait_for_go()
+    _children.ready_then_wait_for_go()
     fences = []
     for _ in range(args["iterations"]):
         if args["locked"]:
@@ -127,10 +113,9 @@ def cmd_counter(args: dict[str, Any]) -> None:
 def cmd_drain(args: dict[str, Any]) -> None:
     """Claim unhandled tasks one at a time until none is left; mark each one
     handled (fenced) and record the handling in :data:`HANDLED_COLLECTION`."""
-    connect(args)
     worker = args["worker"]
     handled = mongoengine.get_db()[HANDLED_COLLECTION]
-    ready_then_wait_for_go()
+    _children.ready_then_wait_for_go()
     count = 0
     while True:
         task = ProcTask.objects(handled_by=None).claim(args["duration"])
@@ -148,12 +133,11 @@ def cmd_drain(args: dict[str, Any]) -> None:
 def cmd_hold(args: dict[str, Any]) -> None:
     """Lock a counter for ``duration`` seconds, report it, then block on stdin
     until the parent kills us (or EOF: the parent died)."""
-    connect(args)
     counter = ProcCounter.objects.get(pk=args["counter_id"])
     if not counter.lock(args["duration"]):
         raise AssertionError("the holder could not lock a free counter")
     report = {"fence": counter.lock_fence, "owner": counter.locked_by, "pid": os.getpid()}
-    print("HOLDING " + json.dumps(report), flush=True)
+    _children.say("HOLDING", **report)
     sys.stdin.read()
     sys.exit(4)  # not reached when killed, as the test means to
 
@@ -161,9 +145,8 @@ def cmd_hold(args: dict[str, Any]) -> None:
 def cmd_contend(args: dict[str, Any]) -> None:
     """On GO: look whether the counter is held, then ``lock(duration,
     wait=wait)`` it and keep the lease (no release: the parent reads it)."""
-    connect(args)
     counter = ProcCounter.objects.get(pk=args["counter_id"])
-    ready_then_wait_for_go()
+    _children.ready_then_wait_for_go()
     held_at_go = counter.is_locked()
     started = time.monotonic()
     acquired = counter.lock(args["duration"], wait=args["wait"])
@@ -188,11 +171,5 @@ COMMANDS: dict[str, Callable[[dict[str, Any]], None]] = {
 }
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[0] not in COMMANDS:
-        sys.exit(f"usage: proc_workers.py {{{','.join(COMMANDS)}}} JSON_ARGS")
-    COMMANDS[argv[0]](json.loads(argv[1]))
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    _children.run_worker(sys.argv[1:], COMMANDS, connected=True)

@@ -16,7 +16,6 @@ test is skipped, or fails when ``LOCKABLE_REQUIRE_MONGOD=1`` or ``CI`` is set.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -30,8 +29,9 @@ import pytest
 from mongoengine_lockable import NamedLock
 
 if __package__:
-    from . import fault_workers
+    from . import _children, fault_workers
 else:  # tests/ is not a package: pytest put it on sys.path
+    import _children
     import fault_workers
 
 SkewDoc = fault_workers.SkewDoc
@@ -68,27 +68,20 @@ def faketime() -> str:
 def spawn(tmp_path: Path, faketime: str) -> Iterator[Any]:
     """Start ``skew`` workers under ``faketime -f OFFSET``; all are killed and
     reaped when the test ends."""
-    workers: list[fault_workers.Spawned] = []
+    with _children.Children(tmp_path, fault_workers.__file__) as children:
 
-    def start(name: str, offset: str, **args: Any) -> fault_workers.Spawned:
-        worker = fault_workers.Spawned(
-            name,
-            "skew",
-            args,
-            tmp_path,
-            prefix=(faketime, "-f", offset),
-            # A wrong wall clock, a right monotonic one (as after a bad NTP
-            # step); a monotonic clock hours behind boot would be negative.
-            env={"DONT_FAKE_MONOTONIC": "1"},
-        )
-        workers.append(worker)
-        return worker
+        def start(name: str, offset: str, **args: Any) -> _children.Child:
+            return children.start(
+                "skew",
+                args,
+                name=name,
+                prefix=(faketime, "-f", offset),
+                # A wrong wall clock, a right monotonic one (as after a bad NTP
+                # step); a monotonic clock hours behind boot would be negative.
+                env={"DONT_FAKE_MONOTONIC": "1"},
+            )
 
-    try:
         yield start
-    finally:
-        for worker in workers:
-            worker.cleanup()
 
 
 def server_now() -> datetime:
@@ -124,7 +117,7 @@ def test_skewed_clients_obey_server_clock(
         own_doc=str(own.pk),
         own_name=own_name,
     )
-    first = json.loads(worker.expect("REPORT", LINE_TIMEOUT))
+    first = worker.expect("REPORT", LINE_TIMEOUT)
     skew = first["time"] - time.time()
     utc_skew = datetime.fromisoformat(first["utcnow"]) - datetime.now(timezone.utc).replace(
         tzinfo=None
@@ -143,7 +136,7 @@ def test_skewed_clients_obey_server_clock(
     assert first["acquire"] is False, "a skewed client took a held named lock"
     worker.send("GO")
 
-    second = json.loads(worker.expect("REPORT", LINE_TIMEOUT))
+    second = worker.expect("REPORT", LINE_TIMEOUT)
     # Right after the worker's grants (well within their 1 s), the normal
     # process tries: both are held.
     t_reported = time.monotonic()

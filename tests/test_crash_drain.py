@@ -32,8 +32,9 @@ from typing import Any
 import pytest
 
 if __package__:
-    from . import fault_workers
+    from . import _children, fault_workers
 else:  # tests/ is not a package: pytest put it on sys.path
+    import _children
     import fault_workers
 
 pytestmark = pytest.mark.slow
@@ -67,16 +68,13 @@ def test_drain_survives_killed_workers(lockable_real_db: Any, tmp_path: Path) ->
         "work": WORK,
         "max_seconds": DRAIN_LIMIT + 30,
     }
-    spawned: list[fault_workers.Spawned] = []
+    children = _children.Children(tmp_path, fault_workers.__file__)
     generation = Counter[int]()
 
-    def start(slot: int) -> fault_workers.Spawned:
+    def start(slot: int) -> _children.Child:
         name = f"w{slot}.{generation[slot]}"
         generation[slot] += 1
-        args = {**common, "worker": name, "handshake": True}
-        worker = fault_workers.Spawned(name, "drain", args, tmp_path)
-        spawned.append(worker)
-        return worker
+        return children.start("drain", {**common, "worker": name, "handshake": True}, name=name)
 
     killed: list[tuple[str, float]] = []
     try:
@@ -116,8 +114,7 @@ def test_drain_survives_killed_workers(lockable_real_db: Any, tmp_path: Path) ->
             time.sleep(0.01)
         drain_time = time.monotonic() - started
     finally:
-        for worker in spawned:
-            worker.cleanup()
+        children.close()
 
     handlings = list(db.database[fault_workers.HANDLINGS_COLLECTION].find({}, {"_id": False}))
     killed_names = {name for name, _ in killed}
@@ -129,8 +126,8 @@ def test_drain_survives_killed_workers(lockable_real_db: Any, tmp_path: Path) ->
                 if sum(r["phase"] == "start" for r in recs) > 1}
     print(
         f"\ndrain: {DOCUMENTS} documents, {WORKERS} workers, {len(killed)} kills "
-        f"(at {', '.join(f'{t:.1f}' for _, t in killed)} s), {len(spawned)} processes in all; "
-        f"drained in {drain_time:.1f} s (seed {seed})"
+        f"(at {', '.join(f'{t:.1f}' for _, t in killed)} s), "
+        f"{len(children.started)} processes in all; drained in {drain_time:.1f} s (seed {seed})"
     )
     print(f"records by phase: {dict(phases)}; documents started more than once: {len(repeated)}")
 

@@ -17,20 +17,17 @@ once every process is connected, and lies in the future.
 
 This file is also the worker script of the tick test: run as
 ``python tests/test_exclusive.py ticker JSON`` it connects MongoEngine itself
-and talks to the parent in ``WORD {json}`` lines on its standard streams.
+and talks to the parent in ``WORD {json}`` lines on its standard streams
+(the protocol and the parent's side: ``tests/_children.py``).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
 import random
-import select
-import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -43,6 +40,8 @@ import pytest
 
 from mongoengine_lockable import NamedLock, exclusive
 from mongoengine_lockable._named import DEFAULT_COLLECTION
+
+from _children import Child, Children, hear, run_worker, say
 
 LOGGER = "mongoengine_lockable.named"
 
@@ -169,6 +168,13 @@ DURATION, MIN_HOLD = 0.45, 0.3
 RUNS_COLLECTION = "tick_runs"
 
 
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Children]:
+    """This file's worker commands as child processes (see ``_children``)."""
+    with Children(tmp_path, __file__) as children:
+        yield children
+
+
 @pytest.mark.timeout(120)
 def test_every_tick_runs_exactly_once_across_processes(
     lockable_real_db: Any, spawn: Callable[..., Child]
@@ -217,8 +223,8 @@ def child_ticker(args: dict[str, Any]) -> None:
     assert warm.acquire()
     warm.release()
     rng = random.Random(args["seed"])
-    _say("READY")
-    start = float(_hear())
+    say("READY")
+    start = float(hear())
     ran, skipped, misfired, max_late = [], [], [], 0.0
     for k in range(TICKS):
         scheduled = start + k * INTERVAL + args["offset"] + rng.uniform(0, JITTER)
@@ -230,119 +236,8 @@ def child_ticker(args: dict[str, Any]) -> None:
             misfired.append(tick)
             continue
         (ran if report(tick, scheduled) else skipped).append(tick)
-    _say("RESULT", ran=ran, skipped=skipped, misfired=misfired, max_late=max_late)
-
-
-# -- the worker side -----------------------------------------------------------------------
-
-
-def _say(word: str, **data: Any) -> None:
-    print(word, json.dumps(data), flush=True)
-
-
-def _hear() -> str:
-    line = sys.stdin.readline()
-    if not line:  # the parent is gone: leave no orphan behind
-        os._exit(3)
-    return line.strip()
-
-
-def child_main(argv: list[str]) -> None:
-    command, args = argv[0], json.loads(argv[1])
-    watchdog = threading.Timer(120, os._exit, args=(9,))
-    watchdog.daemon = True
-    watchdog.start()
-    mongoengine.connect(
-        db=args["db"], host=args["uri"], uuidRepresentation="standard",
-        serverSelectionTimeoutMS=20_000,
-    )
-    {"ticker": child_ticker}[command](args)
-
-
-# -- processes: the parent side ------------------------------------------------------------
-
-#: Seconds a child gets to start, connect and say its first word.
-START_TIMEOUT = 60.0
-
-
-class Child:
-    """This file run as a worker process; speaks in ``WORD {json}`` lines."""
-
-    _ids = itertools.count()
-
-    def __init__(self, tmp_path: Path, command: str, **args: Any) -> None:
-        self.name = f"{command}-{next(self._ids)}"
-        self._err_path = tmp_path / f"{self.name}.stderr"
-        self._err = open(self._err_path, "wb")
-        self._pending = b""
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, command, json.dumps(args)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-        )
-
-    def describe(self) -> str:
-        self._err.flush()
-        tail = self._err_path.read_bytes().decode(errors="replace")[-3000:]
-        return f"{self.name} (pid {self.proc.pid}, exit {self.proc.poll()}), stderr:\n{tail}"
-
-    def expect(self, word: str, timeout: float = START_TIMEOUT) -> dict[str, Any]:
-        """The next line, which must start with ``word``: its JSON data."""
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"no {word} from {self.describe()}", pytrace=False)
-            if select.select([self.proc.stdout], [], [], left)[0]:
-                chunk = os.read(self.proc.stdout.fileno(), 65536)
-                if not chunk:
-                    self.proc.wait(timeout=10)
-                    pytest.fail(f"{word} expected; {self.describe()}", pytrace=False)
-                self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
-        got, _, data = line.decode().partition(" ")
-        if got != word:
-            pytest.fail(f"{word} expected, got {line!r} from {self.describe()}", pytrace=False)
-        result: dict[str, Any] = json.loads(data)
-        return result
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-
-    def close(self) -> None:
-        try:
-            self.kill()
-        finally:
-            for stream in (self.proc.stdin, self.proc.stdout, self._err):
-                if stream is not None:
-                    stream.close()
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., Child]]:
-    """Start children; each is killed and reaped when the test ends."""
-    children: list[Child] = []
-
-    def start(command: str, **args: Any) -> Child:
-        child = Child(tmp_path, command, **args)
-        children.append(child)
-        return child
-
-    try:
-        yield start
-    finally:
-        for child in children:
-            child.close()
+    say("RESULT", ran=ran, skipped=skipped, misfired=misfired, max_late=max_late)
 
 
 if __name__ == "__main__":
-    child_main(sys.argv[1:])
+    run_worker(sys.argv[1:], {"ticker": child_ticker}, watchdog=120, connected=True)

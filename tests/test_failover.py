@@ -37,8 +37,9 @@ from pymongo.write_concern import WriteConcern
 from mongoengine_lockable.testing import MongodNotFoundError, MongodReplicaSet, find_mongod
 
 if __package__:
-    from . import fault_workers
+    from . import _children, fault_workers
 else:  # tests/ is not a package: pytest put it on sys.path
+    import _children
     import fault_workers
 
 #: The workers' client: a call stuck on the frozen primary times out after
@@ -181,14 +182,15 @@ def test_leases_survive_primary_freeze(replica_set: MongodReplicaSet, tmp_path: 
     }
     specs = [(f"doc-{i}", {"kind": "doc", "doc_id": str(doc_id)}) for i in range(DOC_WORKERS)]
     specs += [(f"named-{i}", {"kind": "named", "name": LOCK_NAME}) for i in range(NAMED_WORKERS)]
-    workers: list[fault_workers.Spawned] = []
+    children = _children.Children(tmp_path, fault_workers.__file__)
+    workers: list[_children.Child] = []
     paths: dict[str, Path] = {}
     paused: int | None = None
     try:
         for name, extra in specs:
             paths[name] = tmp_path / f"{name}.jsonl"
             args = {**common, **extra, "out": str(paths[name])}
-            workers.append(fault_workers.Spawned(name, "failover", args, tmp_path))
+            workers.append(children.start("failover", args, name=name))
         for worker in workers:
             worker.expect("READY", START_TIMEOUT)
         t_start = time.time()
@@ -234,8 +236,7 @@ def test_leases_survive_primary_freeze(replica_set: MongodReplicaSet, tmp_path: 
     finally:
         if paused is not None:
             rs.resume(paused)
-        for worker in workers:
-            worker.cleanup()
+        children.close()
 
     timeline = {"start": t_start, "pause": t_pause, "elected": t_elected, "resume": t_resume,
                 "stop": t_stop, "old_primary": old_primary, "new_primary": new_primary}

@@ -13,17 +13,14 @@ On the real server, with 1 s leases (renewed every third of a second):
 
 This file is also the worker script of its process test: run as
 ``python tests/test_keepalive.py probe JSON`` it connects MongoEngine itself
-and talks to the parent in ``WORD {json}`` lines on its standard streams.
+and talks to the parent in ``WORD {json}`` lines on its standard streams
+(the protocol and the parent's side: ``tests/_children.py``).
 """
 
 from __future__ import annotations
 
 import gc
-import itertools
-import json
-import os
 import select
-import subprocess
 import sys
 import threading
 import time
@@ -38,6 +35,8 @@ from bson import ObjectId
 
 from mongoengine_lockable import LockableMixin, LockNotOwnedError, NamedLock, signals
 from mongoengine_lockable._named import DEFAULT_COLLECTION
+
+from _children import Child, Children, ready_then_wait_for_go, run_worker, say
 
 #: The lease every test here keeps alive, in seconds.
 LEASE = 1.0
@@ -127,6 +126,13 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Children]:
+    """This file's worker command as child processes (see ``_children``)."""
+    with Children(tmp_path, __file__) as children:
+        yield children
 
 
 # -- survival ----------------------------------------------------------------------------
@@ -275,8 +281,7 @@ def child_probe(args: dict[str, Any]) -> None:
     else:
         lock = NamedLock(args["name"], duration=5)
         take, release = (lambda: lock.acquire()), lock.release
-    _say("READY")
-    _hear()
+    ready_then_wait_for_go()
     tries = taken = 0
     first = time.monotonic()
     while True:
@@ -286,116 +291,8 @@ def child_probe(args: dict[str, Any]) -> None:
             release()
         if select.select([sys.stdin], [], [], 0.1)[0]:
             break
-    _say("RESULT", tries=tries, taken=taken, span=time.monotonic() - first)
-
-
-def _say(word: str, **data: Any) -> None:
-    print(word, json.dumps(data), flush=True)
-
-
-def _hear() -> str:
-    line = sys.stdin.readline()
-    if not line:  # the parent is gone: leave no orphan behind
-        os._exit(3)
-    return line.strip()
-
-
-def child_main(argv: list[str]) -> None:
-    command, args = argv[0], json.loads(argv[1])
-    watchdog = threading.Timer(120, os._exit, args=(9,))
-    watchdog.daemon = True
-    watchdog.start()
-    mongoengine.connect(
-        db=args["db"], host=args["uri"], uuidRepresentation="standard",
-        serverSelectionTimeoutMS=20_000,
-    )
-    {"probe": child_probe}[command](args)
-
-
-# -- processes: the parent side ------------------------------------------------------------
-
-#: Seconds a child gets to start, connect and say its first word.
-START_TIMEOUT = 60.0
-
-
-class Child:
-    """This file run as a worker process; speaks in ``WORD {json}`` lines."""
-
-    _ids = itertools.count()
-
-    def __init__(self, tmp_path: Path, command: str, **args: Any) -> None:
-        self.name = f"{command}-{next(self._ids)}"
-        self._err_path = tmp_path / f"{self.name}.stderr"
-        self._err = open(self._err_path, "wb")
-        self._pending = b""
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, command, json.dumps(args)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-        )
-
-    def describe(self) -> str:
-        self._err.flush()
-        tail = self._err_path.read_bytes().decode(errors="replace")[-3000:]
-        return f"{self.name} (pid {self.proc.pid}, exit {self.proc.poll()}), stderr:\n{tail}"
-
-    def expect(self, word: str, timeout: float = START_TIMEOUT) -> dict[str, Any]:
-        """The next line, which must start with ``word``: its JSON data."""
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"no {word} from {self.describe()}", pytrace=False)
-            if select.select([self.proc.stdout], [], [], left)[0]:
-                chunk = os.read(self.proc.stdout.fileno(), 65536)
-                if not chunk:
-                    self.proc.wait(timeout=10)
-                    pytest.fail(f"{word} expected; {self.describe()}", pytrace=False)
-                self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
-        got, _, data = line.decode().partition(" ")
-        if got != word:
-            pytest.fail(f"{word} expected, got {line!r} from {self.describe()}", pytrace=False)
-        result: dict[str, Any] = json.loads(data)
-        return result
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-
-    def close(self) -> None:
-        try:
-            self.kill()
-        finally:
-            for stream in (self.proc.stdin, self.proc.stdout, self._err):
-                if stream is not None:
-                    stream.close()
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., Child]]:
-    """Start children; each is killed and reaped when the test ends."""
-    children: list[Child] = []
-
-    def start(command: str, **args: Any) -> Child:
-        child = Child(tmp_path, command, **args)
-        children.append(child)
-        return child
-
-    try:
-        yield start
-    finally:
-        for child in children:
-            child.close()
+    say("RESULT", tries=tries, taken=taken, span=time.monotonic() - first)
 
 
 if __name__ == "__main__":
-    child_main(sys.argv[1:])
+    run_worker(sys.argv[1:], {"probe": child_probe}, watchdog=120, connected=True)

@@ -13,12 +13,8 @@ that turn a hang into a failure.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import select
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -32,16 +28,16 @@ import pytest
 from bson import ObjectId
 
 if __package__:
-    from . import proc_workers
+    from . import _children, proc_workers
 else:  # tests/ is not a package: pytest put it on sys.path
+    import _children
     import proc_workers
 
 HANDLED_COLLECTION = proc_workers.HANDLED_COLLECTION
 ProcCounter = proc_workers.ProcCounter
 ProcTask = proc_workers.ProcTask
 
-WORKERS_SCRIPT = str(Path(proc_workers.__file__).resolve())
-REPO_ROOT = str(Path(WORKERS_SCRIPT).parents[1])
+Child = _children.Child
 
 #: Seconds a worker gets to start and connect, and all workers of a test to
 #: finish their work: hang guards, far above the durations measured (printed
@@ -63,133 +59,43 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-class Worker:
-    """One ``proc_workers.py`` process: start, handshake, result, cleanup."""
-
-    def __init__(self, name: str, command: str, args: dict[str, Any], tmp_path: Path) -> None:
-        self.name = name
-        self.out_path = tmp_path / f"{name}.json"
-        self.stderr_path = tmp_path / f"{name}.stderr"
-        self._stderr = open(self.stderr_path, "wb")
-        self._pending = b""
-        argv = [
-            sys.executable,
-            WORKERS_SCRIPT,
-            command,
-            json.dumps({**args, "out": str(self.out_path)}),
-        ]
-        try:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=REPO_ROOT,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=self._stderr,
-                bufsize=0,
-            )
-        except BaseException:
-            self._stderr.close()
-            raise
-
-    def describe(self) -> str:
-        """Exit status and stderr tail, for failure messages."""
-        self._stderr.flush()
-        tail = self.stderr_path.read_bytes().decode(errors="replace")[-3000:]
-        return f"worker {self.name} (pid {self.proc.pid}, exit {self.proc.poll()}); stderr:\n{tail}"
-
-    def read_line(self, timeout: float = START_TIMEOUT) -> str:
-        """The next line the worker prints, waiting at most ``timeout``."""
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"no line from {self.describe()}", pytrace=False)
-            readable, _, _ = select.select([fd], [], [], left)
-            if readable:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        self.proc.wait(timeout=10)  # for its exit status
-                    pytest.fail(f"stdout closed early by {self.describe()}", pytrace=False)
-                self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
-        return line.decode()
-
-    def expect_ready(self) -> None:
-        line = self.read_line()
-        if line != "READY":
-            pytest.fail(f"expected READY, got {line!r} from {self.describe()}", pytrace=False)
-
-    def go(self) -> None:
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(b"GO\n")
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            self.proc.wait(timeout=10)
-            pytest.fail(f"died before GO: {self.describe()}", pytrace=False)
-
-    def join(
-        self, deadline: float | None = None, progress: Callable[[], str] | None = None
-    ) -> dict[str, Any]:
-        """Wait for a successful exit (until the monotonic ``deadline``,
-        default :data:`JOIN_TIMEOUT` from now) and return the JSON result.
-
-        :param progress: tells how far the work got, for the timeout message.
-        """
-        if deadline is None:
-            deadline = time.monotonic() + JOIN_TIMEOUT
-        try:
-            self.proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
-        except subprocess.TimeoutExpired:
-            self.kill()
-            where = f" ({progress()})" if progress is not None else ""
-            pytest.fail(f"timed out{where}: {self.describe()}", pytrace=False)
-        if self.proc.returncode != 0:
-            pytest.fail(f"failed: {self.describe()}", pytrace=False)
-        result: dict[str, Any] = json.loads(self.out_path.read_text())
-        return result
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-
-    def cleanup(self) -> None:
-        try:
-            self.kill()
-        finally:
-            for stream in (self.proc.stdin, self.proc.stdout, self._stderr):
-                if stream is not None:
-                    stream.close()
-
-
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
-    """Start workers; every one is killed and reaped when the test ends."""
-    workers: list[Worker] = []
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Child]]:
+    """Start ``proc_workers.py`` workers, ``spawn(name, command, **args)``; the
+    result of each is the JSON file it writes (``out``: ``tmp_path/NAME.json``),
+    read by :func:`result_of`. Every one is killed and reaped when the test ends."""
+    with _children.Children(tmp_path, proc_workers.__file__) as children:
 
-    def start(name: str, command: str, **args: Any) -> Worker:
-        worker = Worker(name, command, args, tmp_path)
-        workers.append(worker)
-        return worker
+        def start(name: str, command: str, **args: Any) -> Child:
+            out = str(tmp_path / f"{name}.json")
+            return children.start(command, {**args, "out": out}, name=name)
 
-    try:
         yield start
-    finally:
-        for worker in workers:
-            worker.cleanup()
 
 
-def start_together(workers: list[Worker]) -> float:
+def result_of(
+    worker: Child, deadline: float | None = None, progress: Callable[[], str] | None = None
+) -> dict[str, Any]:
+    """Wait for the worker's successful exit (until the monotonic ``deadline``,
+    default :data:`JOIN_TIMEOUT` from now) and return its JSON result.
+
+    :param progress: tells how far the work got, for the timeout message.
+    """
+    if deadline is None:
+        deadline = time.monotonic() + JOIN_TIMEOUT
+    if worker.join(deadline - time.monotonic(), progress) != 0:
+        pytest.fail(f"failed: {worker.describe()}", pytrace=False)
+    out: dict[str, Any] = json.loads(Path(worker.args["out"]).read_text())
+    return out
+
+
+def start_together(workers: list[Child]) -> float:
     """Wait until every worker is connected, then let them all go at once.
 
     :return: the monotonic time of the start.
     """
     for worker in workers:
-        worker.expect_ready()
+        worker.expect("READY")
     started = time.monotonic()
     for worker in workers:
         worker.go()
@@ -197,11 +103,11 @@ def start_together(workers: list[Worker]) -> float:
 
 
 def join_all(
-    workers: list[Worker], progress: Callable[[], str] | None = None
+    workers: list[Child], progress: Callable[[], str] | None = None
 ) -> list[dict[str, Any]]:
     """Every worker's result; all of them share one :data:`JOIN_TIMEOUT`."""
     deadline = time.monotonic() + JOIN_TIMEOUT
-    return [worker.join(deadline, progress) for worker in workers]
+    return [result_of(worker, deadline, progress) for worker in workers]
 
 
 def assert_fences_consecutive(fences: list[int], total: int) -> None:
@@ -214,7 +120,7 @@ def assert_fences_consecutive(fences: list[int], total: int) -> None:
 
 
 def run_counter_workers(
-    spawn: Callable[..., Worker], db: Any, *, locked: bool, pause: float
+    spawn: Callable[..., Child], db: Any, *, locked: bool, pause: float
 ) -> tuple[ProcCounter, list[list[int]], float]:
     counter = ProcCounter(value=0).save()
     workers = [
@@ -418,7 +324,7 @@ def test_lease_of_killed_holder_expires(lockable_real_db: Any, spawn: Any) -> No
     # The contender is connected and waiting before the lease is taken, so that
     # it tries while the lease is still held.
     contender = spawn("contender", "contend", duration=1.0, wait=10, **common)
-    contender.expect_ready()
+    contender.expect("READY")
     holder = spawn("holder", "hold", duration=1.0, **common)
     line = holder.read_line()
     assert line.startswith("HOLDING "), f"unexpected {line!r} from {holder.describe()}"
@@ -435,7 +341,7 @@ def test_lease_of_killed_holder_expires(lockable_real_db: Any, spawn: Any) -> No
     assert old["locked_until"] is not None
 
     contender.go()
-    result = contender.join()
+    result = result_of(contender)
     new = stored_lease(counter.pk)
     granted_after = new["locked_until"] - timedelta(seconds=1) - old["locked_until"]
     print(

@@ -12,7 +12,8 @@
 
 This file is also the worker script of its process tests: run as
 ``python tests/test_waiting.py COMMAND JSON`` it connects MongoEngine itself,
-then talks to the parent in lines on its standard streams (``WORD {json}``).
+then talks to the parent in lines on its standard streams (``WORD {json}``;
+the protocol and the parent's side: ``tests/_children.py``).
 Time bounds are generous: they separate "woken by the release" (milliseconds)
 from "slept until the lease ran out" (seconds), nothing finer.
 """
@@ -20,11 +21,7 @@ from "slept until the lease ran out" (seconds), nothing finer.
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import random
-import select
-import subprocess
 import sys
 import threading
 import time
@@ -48,6 +45,8 @@ from mongoengine_lockable._waiting import (
     open_waker,
     retry_until,
 )
+
+from _children import Child, Children, hear, ready_then_wait_for_go, run_worker, say
 
 
 class WaitJob(LockableMixin, mongoengine.Document):
@@ -336,17 +335,6 @@ def test_change_stream_waker_falls_back_to_polling_when_the_stream_breaks() -> N
 # -- processes: the worker side ---------------------------------------------------------
 
 
-def _say(word: str, **data: Any) -> None:
-    print(word, json.dumps(data), flush=True)
-
-
-def _hear() -> str:
-    line = sys.stdin.readline()
-    if not line:  # the parent is gone: leave no orphan behind
-        os._exit(3)
-    return line.strip()
-
-
 def _lockable(args: dict[str, Any]) -> tuple[Callable[..., bool], Callable[[], None]]:
     """``(take(wait) -> bool, release())`` for the document or the named lock."""
     if args["kind"] == "document":
@@ -362,121 +350,32 @@ def child_hold(args: dict[str, Any]) -> None:
     take, release = _lockable(args)
     before = time.time()
     taken = take(0)
-    _say("HOLDING", taken=taken, before=before)
-    if _hear() == "RELEASE":
+    say("HOLDING", taken=taken, before=before)
+    if hear() == "RELEASE":
         issued = time.time()
         release()
-        _say("RELEASED", issued=issued)
-    _hear()
+        say("RELEASED", issued=issued)
+    hear()
 
 
 def child_wait(args: dict[str, Any]) -> None:
     """On ``GO``, say ``WAITING`` and wait for the lease; report when it came."""
     take, _ = _lockable(args)
-    _say("READY")
-    _hear()
+    ready_then_wait_for_go()
     started = time.time()
-    _say("WAITING", started=started)
+    say("WAITING", started=started)
     taken = take(args["wait"])
-    _say("RESULT", taken=taken, started=started, ended=time.time())
-
-
-def child_main(argv: list[str]) -> None:
-    command, args = argv[0], json.loads(argv[1])
-    # However the parent fares, this process ends.
-    watchdog = threading.Timer(120, os._exit, args=(9,))
-    watchdog.daemon = True
-    watchdog.start()
-    mongoengine.connect(
-        db=args["db"], host=args["uri"], uuidRepresentation="standard",
-        serverSelectionTimeoutMS=20_000,
-    )
-    {"hold": child_hold, "wait": child_wait}[command](args)
+    say("RESULT", taken=taken, started=started, ended=time.time())
 
 
 # -- processes: the parent side ------------------------------------------------------------
 
-#: Seconds a child gets to start, connect and say its first word.
-START_TIMEOUT = 60.0
-
-
-class Child:
-    """This file run as a worker process; speaks in ``WORD {json}`` lines."""
-
-    _ids = itertools.count()
-
-    def __init__(self, tmp_path: Path, command: str, **args: Any) -> None:
-        self.name = f"{command}-{next(self._ids)}"
-        self._err_path = tmp_path / f"{self.name}.stderr"
-        self._err = open(self._err_path, "wb")
-        self._pending = b""
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, command, json.dumps(args)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-        )
-
-    def describe(self) -> str:
-        self._err.flush()
-        tail = self._err_path.read_bytes().decode(errors="replace")[-3000:]
-        return f"{self.name} (pid {self.proc.pid}, exit {self.proc.poll()}), stderr:\n{tail}"
-
-    def expect(self, word: str, timeout: float = START_TIMEOUT) -> dict[str, Any]:
-        """The next line, which must start with ``word``: its JSON data."""
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"no {word} from {self.describe()}", pytrace=False)
-            if select.select([self.proc.stdout], [], [], left)[0]:
-                chunk = os.read(self.proc.stdout.fileno(), 65536)
-                if not chunk:
-                    self.proc.wait(timeout=10)
-                    pytest.fail(f"{word} expected; {self.describe()}", pytrace=False)
-                self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
-        got, _, data = line.decode().partition(" ")
-        if got != word:
-            pytest.fail(f"{word} expected, got {line!r} from {self.describe()}", pytrace=False)
-        result: dict[str, Any] = json.loads(data)
-        return result
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-
-    def close(self) -> None:
-        try:
-            self.kill()
-        finally:
-            for stream in (self.proc.stdin, self.proc.stdout, self._err):
-                if stream is not None:
-                    stream.close()
-
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., Child]]:
-    """Start children; each is killed and reaped when the test ends."""
-    children: list[Child] = []
-
-    def start(command: str, **args: Any) -> Child:
-        child = Child(tmp_path, command, **args)
-        children.append(child)
-        return child
-
-    try:
-        yield start
-    finally:
-        for child in children:
-            child.close()
+def spawn(tmp_path: Path) -> Iterator[Children]:
+    """This file's worker commands as child processes (see ``_children``)."""
+    with Children(tmp_path, __file__) as children:
+        yield children
 
 
 def _target(kind: str, db: Any) -> dict[str, Any]:
@@ -611,4 +510,6 @@ def test_waiting_threads_each_get_the_lease_in_turn(lockable_db: Any) -> None:
 
 
 if __name__ == "__main__":
-    child_main(sys.argv[1:])
+    run_worker(
+        sys.argv[1:], {"hold": child_hold, "wait": child_wait}, watchdog=120, connected=True
+    )
