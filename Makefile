@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): setup.cfg setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[test,dev,cli]'
+	$(BIN)/python -m pip install -e '.[test,dev,cli,bench]'
 	touch $(STAMP)
 
 test: venv faketime
