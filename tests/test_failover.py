@@ -20,9 +20,7 @@ generous ones that turn a hang into a failure.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -34,7 +32,8 @@ from bson import ObjectId
 from pymongo import MongoClient
 from pymongo.write_concern import WriteConcern
 
-from mongoengine_lockable.testing import MongodNotFoundError, MongodReplicaSet, find_mongod
+from mongoengine_lockable.testing import MongodReplicaSet
+from mongoengine_lockable.testing.plugin import start_replica_set_or_skip
 
 if __package__:
     from . import _children, fault_workers
@@ -72,28 +71,11 @@ START_TIMEOUT = 60.0
 JOIN_TIMEOUT = 45.0
 
 
-def _required() -> bool:
-    value = os.environ.get("LOCKABLE_REQUIRE_MONGOD", "").strip().lower()
-    return value in ("1", "true", "yes", "on")
-
-
 @pytest.fixture(scope="module")
 def replica_set() -> Iterator[MongodReplicaSet]:
     """A 3-member replica set for this module, stopped (by pid) at its end;
     ``stop()`` sends ``SIGCONT`` first, so a member left paused stops too."""
-    problem = None
-    try:
-        binary = find_mongod()
-    except MongodNotFoundError as exc:
-        problem = str(exc)
-    if problem is None and importlib.util.find_spec("mirakuru") is None:
-        problem = "mirakuru is not installed (pip install 'mongoengine-lockable[test]')"
-    if problem is not None:
-        if _required():
-            pytest.fail(f"LOCKABLE_REQUIRE_MONGOD is set: {problem}", pytrace=False)
-        pytest.skip(problem)
-    rs = MongodReplicaSet(3, binary=binary)
-    rs.start()
+    rs = start_replica_set_or_skip(3)
     try:
         yield rs
     finally:

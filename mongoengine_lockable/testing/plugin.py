@@ -96,6 +96,21 @@ def lockable_mongod_uri() -> Iterator[str]:
             )
         yield configured
         return
+    replica_set = start_replica_set_or_skip(1)
+    try:
+        yield replica_set.uri
+    finally:
+        replica_set.stop()
+
+
+def start_replica_set_or_skip(members: int) -> MongodReplicaSet:
+    """Start a temporary replica set of ``members`` for a test or fixture.
+
+    Without a ``mongod`` binary (or mirakuru), skips the test with the reason,
+    or fails it when ``LOCKABLE_REQUIRE_MONGOD`` is set.
+
+    :return: the started set; the caller stops it.
+    """
     problem: str | None = None
     try:
         binary = find_mongod()
@@ -112,12 +127,7 @@ def lockable_mongod_uri() -> Iterator[str]:
                 f"{reason} ({REQUIRE_ENV} is set: a real server is required)", pytrace=False
             )
         pytest.skip(reason)
-    replica_set = MongodReplicaSet(1, binary=binary)
-    replica_set.start()
-    try:
-        yield replica_set.uri
-    finally:
-        replica_set.stop()
+    return MongodReplicaSet(members, binary=binary).start()
 
 
 def _connected(
