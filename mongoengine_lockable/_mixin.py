@@ -234,10 +234,12 @@ class LockableMixin:
         match = self._lease_match()
         ops = self._lease_ops()
 
-        def attempt() -> tuple[dict[str, Any] | None, float | None]:
+        def attempt(read: bool) -> tuple[dict[str, Any] | None, float | None]:
             raw = ops.grant(match, token, ms, force=force)
             if raw is not None:
                 return raw, None
+            if not read:
+                return None, ms / 1000
             # Held, or gone? The read also tells how long the holder has left.
             seen = ops.peek(match)
             if seen is None:

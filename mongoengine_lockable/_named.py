@@ -186,11 +186,13 @@ class NamedLock:
         ops = self._ops()
         extra = {"host": _HOST, "pid": os.getpid()}
 
-        def attempt() -> tuple[dict[str, Any] | None, float | None]:
+        def attempt(read: bool) -> tuple[dict[str, Any] | None, float | None]:
             token = secrets.token_hex(8)
             record = ops.grant_upsert(self.name, self.owner, token, self._ms, extra)
             if record is not None and record.get("token") == token:
                 return record, None
+            if not read:
+                return None, self._ms / 1000
             seen = ops.peek({"_id": self.name})
             return None, None if seen is None else time_left(seen, ops.fields)
 

@@ -53,9 +53,10 @@ def backoff(
 
 
 class Waker(Protocol):
-    """Blocks until the awaited record may have changed, or ``timeout``."""
+    """Blocks until the awaited lease may have been released, or ``timeout``."""
 
-    def pause(self, timeout: float) -> None: ...
+    def pause(self, timeout: float) -> bool:
+        """``True`` if a release was seen, ``False`` on timeout (or unknown)."""
 
     def close(self) -> None: ...
 
@@ -72,9 +73,10 @@ class PollingWaker:
         self._delay = delay
         self._tries = 0
 
-    def pause(self, timeout: float) -> None:
+    def pause(self, timeout: float) -> bool:
         self._sleep(min(self._delay(self._tries), timeout))
         self._tries += 1
+        return False
 
     def close(self) -> None:
         pass
@@ -98,27 +100,30 @@ class ChangeStreamWaker:
         self._fallback: PollingWaker | None = None
         self._stream = collection.watch([{"$match": events}], max_await_time_ms=STREAM_AWAIT_MS)
 
-    def pause(self, timeout: float) -> None:
+    def pause(self, timeout: float) -> bool:
         if self._fallback is not None:
-            self._fallback.pause(timeout)
-            return
+            return self._fallback.pause(timeout)
         end = self._clock() + timeout
         try:
             while True:
                 left = end - self._clock()
                 if left <= 0:
-                    return
+                    return False
                 if left * 1000 < STREAM_AWAIT_MS:
                     # A blocking read could overshoot the deadline: nap instead;
                     # a change meanwhile is still read at the next pause.
                     time.sleep(left)
-                    return
-                if self._stream.try_next() is not None:
-                    return
+                    return False
+                event = self._stream.try_next()
+                if event is not None:
+                    # A delete (or the collection's end) is not a release: the
+                    # waiter must look at the record again.
+                    return bool(event.get("operationType") in ("update", "replace"))
         except PyMongoError as exc:
             log.warning("change stream failed (%s); polling for the rest of this wait", exc)
             self.close()
             self._fallback = PollingWaker()
+            return False
 
     def close(self) -> None:
         try:
@@ -156,7 +161,7 @@ class _Closing(Generic[T]):
             self.value.close()  # type: ignore[attr-defined]
 
 
-Attempt = Callable[[], tuple[Optional[T], Optional[float]]]
+Attempt = Callable[[bool], tuple[Optional[T], Optional[float]]]
 
 
 def retry_until(
@@ -169,23 +174,29 @@ def retry_until(
     """Call ``attempt`` until it returns a result.
 
     :param attempt: one try, returning ``(result, None)`` on success, else
-        ``(None, seconds until the holder's lease runs out, if known)``.
+        ``(None, seconds until the holder's lease runs out, if known)``. Its
+        argument says whether that time is worth a read: not right before the
+        waker opens (the retry that follows reads it), nor after a release was
+        seen (another waiter won; the attempt may assume a lease like its own).
+        With many waiters, every release wakes them all: each read saved there
+        is one round trip per waiter per hand-off.
     :param wait: seconds to keep trying (0: try once), ``None`` for no limit.
     :param waker: opens what the waiter blocks on between attempts; called
         only if the first attempt fails.
     :return: the first result, or ``None`` once ``wait`` has passed (a last
         attempt is made at the deadline).
     """
-    result, expires_in = attempt()
+    result, expires_in = attempt(wait == 0)
     if result is not None or wait == 0:
         return result
     deadline = None if wait is None else clock() + wait
+    released = False
     with _Closing(waker()) as pauser:
         assert pauser is not None
         while True:
             # Retried first thing after the waker opened: a release made
             # before the stream existed is seen now.
-            result, expires_in = attempt()
+            result, expires_in = attempt(not released)
             if result is not None:
                 return result
             now = clock()
@@ -194,7 +205,7 @@ def retry_until(
             timeout = MAX_WAIT_SLICE if expires_in is None else max(expires_in, 0.001)
             if deadline is not None:
                 timeout = min(timeout, deadline - now)
-            pauser.pause(timeout)
+            released = pauser.pause(timeout)
 
 
 #: Longest single pause when the holder's time left is unknown.

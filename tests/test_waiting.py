@@ -110,10 +110,11 @@ class FakeWaker:
         self.pauses: list[float] = []
         self.closed = False
 
-    def pause(self, timeout: float) -> None:
+    def pause(self, timeout: float) -> bool:
         assert not self.closed
         self.pauses.append(timeout)
         self.clock.now += timeout
+        return False
 
     def close(self) -> None:
         self.closed = True
@@ -130,9 +131,11 @@ class Scripted:
         self.failures = failures
         self.left = left
         self.calls: list[float] = []
+        self.reads: list[bool] = []
 
-    def __call__(self) -> tuple[str | None, float | None]:
+    def __call__(self, read: bool) -> tuple[str | None, float | None]:
         self.calls.append(self.clock.now - 1000.0)
+        self.reads.append(read)
         if len(self.calls) > self.failures:
             return "won", None
         return None, self.left
@@ -238,11 +241,42 @@ def test_holders_time_left_shortens_the_pause(
     assert opener.opened[0].pauses == [pytest.approx(expected)]
 
 
+class ReleasesSeen(FakeWaker):
+    """A waker whose first ``releases`` pauses end on a release event."""
+
+    def __init__(self, clock: FakeClock, releases: int) -> None:
+        super().__init__(clock)
+        self.releases = releases
+
+    def pause(self, timeout: float) -> bool:
+        super().pause(timeout)
+        self.releases -= 1
+        return self.releases >= 0
+
+
+def test_reads_are_skipped_where_they_buy_nothing() -> None:
+    clock = FakeClock()
+    attempt = Scripted(clock, failures=4, left=2.0)
+    waker = ReleasesSeen(clock, releases=2)
+    assert retry_until(attempt, 60, lambda: waker, clock=clock) == "won"
+    # First try: no read (the retry after the waker opens reads); after the
+    # opening: a read; after each release seen: none (another waiter won);
+    # after a timeout: a read again.
+    assert attempt.reads == [False, True, False, False, True]
+
+
+def test_wait_zero_reads_on_its_only_try() -> None:
+    clock = FakeClock()
+    attempt = Scripted(clock, failures=1)
+    assert retry_until(attempt, 0, Opener(clock), clock=clock) is None
+    assert attempt.reads == [True]
+
+
 def test_waker_is_closed_when_an_attempt_raises() -> None:
     clock = FakeClock()
     calls = itertools.count()
 
-    def attempt() -> tuple[None, None]:
+    def attempt(read: bool) -> tuple[None, None]:
         if next(calls) == 2:
             raise RuntimeError("document deleted")
         return None, None
@@ -317,18 +351,24 @@ def test_change_stream_waker_returns_on_a_change() -> None:
     clock = FakeClock()
     stream = FakeStream([None, None, {"operationType": "update"}])
     waker = ChangeStreamWaker(FakeCollection(stream), {}, clock=clock)
-    waker.pause(5.0)  # the fake clock stands still: only the change ends it
+    assert waker.pause(5.0) is True  # the fake clock stands still: only the change ends it
     assert stream.reads == 3
+
+
+def test_a_delete_wakes_the_waiter_but_is_not_a_release() -> None:
+    stream = FakeStream([{"operationType": "delete"}])
+    waker = ChangeStreamWaker(FakeCollection(stream), {}, clock=FakeClock())
+    assert waker.pause(5.0) is False  # the waiter must read the record again
 
 
 def test_change_stream_waker_falls_back_to_polling_when_the_stream_breaks() -> None:
     clock = FakeClock()
     stream = FakeStream([PyMongoError("cursor killed")])
     waker = ChangeStreamWaker(FakeCollection(stream), {}, clock=clock)
-    waker.pause(5.0)
+    assert waker.pause(5.0) is False
     assert stream.closed
     reads = stream.reads
-    waker.pause(0.001)  # polls now (a real nap of at most 1 ms)
+    assert waker.pause(0.001) is False  # polls now (a real nap of at most 1 ms)
     assert stream.reads == reads
 
 
