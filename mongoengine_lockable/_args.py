@@ -81,6 +81,18 @@ def text(value: object, what: str) -> str:
     return value
 
 
+def seconds_at_least_zero(value: object, what: str) -> float:
+    """Check a number of seconds (or timedelta) that may be 0.
+
+    :raises TypeError: not an int, float or timedelta (``None`` included).
+    :raises ValueError: negative, NaN, infinite or too large.
+    """
+    seconds = _seconds(value, what)
+    if seconds < 0:
+        raise ValueError(f"{what} must be >= 0, not {value!r}")
+    return seconds
+
+
 def owner_string(value: object, what: str = "owner") -> str | None:
     """Check an ``owner`` argument: ``None`` or a non-empty ``str``."""
     return None if value is None else text(value, what)

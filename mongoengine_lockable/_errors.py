@@ -52,3 +52,10 @@ class LockNotOwnedError(LockError):
 
 class UnsavedDocumentError(LockError):
     """The document has no primary key yet: save it before locking it."""
+
+
+def held_by(holder: str | None) -> str:
+    """How an unavailable lease's holder reads in an error message."""
+    if holder is None:
+        return "was held (it is free now: try again)"
+    return f"is held by {holder!r}"

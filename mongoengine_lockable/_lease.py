@@ -316,6 +316,7 @@ class LeaseOps:
         projection: Mapping[str, Any] | None = None,
         min_hold_ms: int = 0,
         acquired_at: datetime | None = None,
+        until_now: datetime | None = None,
     ) -> dict[str, Any] | None:
         """End the caller's unexpired lease now.
 
@@ -325,8 +326,9 @@ class LeaseOps:
         date the TTL index can act on, or the end of the minimum hold.
         Owner and fence stay, so the fence keeps growing.
 
-        :param acquired_at: the grant's time, for ``min_hold_ms`` on mongomock
-            (the server reads it from the record).
+        :param acquired_at: the grant's time, and ``until_now`` the lease's
+            current end, for ``min_hold_ms`` on mongomock (the server reads both
+            from the record).
         :return: the document after the release, or ``None`` if the caller did
             not hold an unexpired lease.
         """
@@ -345,7 +347,8 @@ class LeaseOps:
         else:
             now = client_now()
             ends = now if acquired_at is None else acquired_at + timedelta(milliseconds=min_hold_ms)
-            update = {"$set": {f.until: max(now, ends)}, "$unset": {"token": ""}}
+            until = until_now if until_now is not None else ends
+            update = {"$set": {f.until: max(now, min(until, ends))}, "$unset": {"token": ""}}
 
         ours = combine(match, self.mine(owner, fence))
 
@@ -374,13 +377,16 @@ class LeaseOps:
     def clear_expired(self, match: Filter, owner: str, fence: int | None) -> bool:
         """Clear the caller's lease if it is still recorded although expired.
 
-        Filter: ``match AND mine(owner, fence) AND until != null``; nobody took
-        the lease since (a grant would have changed owner or fence).
+        Filter: ``match AND mine(owner, fence) AND until != null AND free``;
+        nobody took the lease since (a grant would have changed owner or fence).
         Update: ``until = null``.
 
         :return: whether a stale lease of the caller's was cleared.
         """
-        query = combine(match, self.mine(owner, fence), {self.fields.until: {"$ne": None}})
+        # "free" too: never clear a live lease, even one of the same owner name.
+        query = combine(
+            match, self.mine(owner, fence), {self.fields.until: {"$ne": None}}, self.free()
+        )
         projection = {self.fields.until: True}
         return self._find_and_modify(
             query, {"$set": {self.fields.until: None}}, projection=projection
@@ -492,8 +498,17 @@ class LeaseOps:
         if self.server_clock:
             projection[HELD] = {"$gt": ["$" + f.until, "$$NOW"]}
             projection[NOW] = "$$NOW"
+        doc: dict[str, Any] | None
         with self._guard:
-            doc: dict[str, Any] | None = self.collection.find_one(match, projection)
+            if self.server_clock:
+                # An aggregation, not a find: find projections accept
+                # expressions only from MongoDB 4.4 on.
+                stages: list[dict[str, Any]] = [
+                    {"$match": match}, {"$limit": 1}, {"$project": projection}
+                ]
+                doc = next(iter(self.collection.aggregate(stages)), None)
+            else:
+                doc = self.collection.find_one(match, projection)
         if doc is not None and not self.server_clock:
             until, now = doc.get(f.until), client_now()
             doc[HELD] = until is not None and until > now
@@ -549,12 +564,12 @@ class LeaseOps:
             return None
 
 
-def time_left(seen: Mapping[str, Any], fields: Fields) -> float | None:
+def time_left(seen: Mapping[str, Any], fields: Fields) -> float:
     """Seconds until the lease read by :meth:`LeaseOps.peek` runs out, by the
-    deciding clock; ``None`` if it is not held."""
+    deciding clock; 0 if it is free already (retry at once)."""
     until = seen.get(fields.until)
     if not seen.get(HELD) or until is None:
-        return None
+        return 0.0
     left: float = (until - seen[NOW]).total_seconds()
     return left
 

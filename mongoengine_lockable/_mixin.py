@@ -13,7 +13,7 @@ from mongoengine.queryset import transform
 from pymongo.write_concern import WriteConcern
 
 from . import _args, signals
-from ._errors import LockNotOwnedError, LockUnavailableError, UnsavedDocumentError
+from ._errors import LockNotOwnedError, LockUnavailableError, UnsavedDocumentError, held_by
 from ._keepalive import KeepAlive
 from ._lease import (
     DEFAULT_WRITE_CONCERN,
@@ -394,7 +394,7 @@ class LockableMixin:
         if not self.lock(duration, wait=wait, owner=owner, keepalive=keepalive):
             holder = self._holder_now()
             raise LockUnavailableError(
-                f"{type(self).__name__} {self.pk!r} is locked by {holder!r}",
+                f"{type(self).__name__} {self.pk!r} {held_by(holder)}",
                 target=self.pk,
                 owner=holder,
             )

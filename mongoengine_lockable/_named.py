@@ -31,7 +31,7 @@ from pymongo.errors import OperationFailure
 from pymongo.write_concern import WriteConcern
 
 from . import _args, signals
-from ._errors import LockNotOwnedError, LockUnavailableError
+from ._errors import LockNotOwnedError, LockUnavailableError, held_by
 from ._keepalive import KeepAlive
 from ._lease import HELD, NAMED_FIELDS, LeaseOps, checked_write_concern, new_owner, time_left
 from ._waiting import retry_until
@@ -63,6 +63,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 class _Acquired(NamedTuple):
     fence: int
     acquired_at: datetime | None
+    until: datetime | None
 
 
 def _collection_name(value: object, what: str) -> str:
@@ -146,9 +147,7 @@ class NamedLock:
         self.owner = _args.owner_string(owner) or new_owner()
         self.wait = _args.wait_seconds(wait)
         self.keepalive = _args.flag(keepalive, "keepalive")
-        hold = _args.wait_seconds(min_hold, "min_hold")
-        if hold is None:
-            raise TypeError("min_hold must be a number of seconds or a timedelta, not None")
+        hold = _args.seconds_at_least_zero(min_hold, "min_hold")
         self._min_hold_ms = round(hold * 1000)
         if self._min_hold_ms > self._ms:
             raise ValueError(f"min_hold ({hold} s) must not exceed duration ({self._ms / 1000} s)")
@@ -201,7 +200,7 @@ class NamedLock:
             return False
         self._stop_keepalive()
         self.fence = int(record["fence"])
-        self._held = _Acquired(self.fence, record.get("acquired_at"))
+        self._held = _Acquired(self.fence, record.get("acquired_at"), record.get("locked_until"))
         signals.lock_acquired.send(self, name=self.name, owner=self.owner, fence=self.fence)
         if self.keepalive:
             self._keeper = KeepAlive(self, self._ms)
@@ -224,7 +223,6 @@ class NamedLock:
         if held is None:
             raise self._not_owned("release")
         self._stop_keepalive()
-        self._held = None
         raw = self._ops().release(
             {"_id": self.name},
             self.owner,
@@ -232,7 +230,11 @@ class NamedLock:
             projection=_RECORD_PROJECTION,
             min_hold_ms=self._min_hold_ms,
             acquired_at=held.acquired_at,
+            until_now=held.until,
         )
+        # Forgotten only once the server answered: after an error the caller
+        # can still retry the release.
+        self._held = None
         if raw is None:
             raise self._not_owned("release")
         signals.lock_released.send(self, name=self.name, owner=self.owner, fence=held.fence)
@@ -251,6 +253,7 @@ class NamedLock:
         )
         if raw is None:
             raise self._not_owned("renew")
+        self._held = held._replace(until=raw.get(NAMED_FIELDS.until))
         signals.lock_renewed.send(self, name=self.name, owner=self.owner, fence=held.fence)
 
     def _keepalive_renew(self) -> bool:
@@ -275,7 +278,7 @@ class NamedLock:
         if not self.acquire():
             holder = self.owner_of(self.name, self.alias, collection=self.collection)
             raise LockUnavailableError(
-                f"lock {self.name!r} is held by {holder!r}", target=self.name, owner=holder
+                f"lock {self.name!r} {held_by(holder)}", target=self.name, owner=holder
             )
         return self
 

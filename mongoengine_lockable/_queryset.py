@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mongoengine import QuerySet
+from mongoengine.errors import OperationError
+from mongoengine.queryset import QuerySetNoCache
 
 from . import _args
 from ._lease import DOCUMENT_FIELDS, LeaseOps, client_now, lease_ops_for, new_owner
 
-__all__ = ["LockableQuerySet"]
+__all__ = ["LockableQuerySet", "LockableQuerySetNoCache"]
 
 
-class LockableQuerySet(QuerySet):
-    """The queryset of :class:`~mongoengine_lockable.LockableMixin` documents.
+class _LeaseQueries:
+    """``unlocked()``, ``locked()`` and ``claim()``, shared by the caching and
+    the non-caching queryset."""
 
-    A document with its own ``queryset_class`` should subclass this one.
-    """
+    if TYPE_CHECKING:  # MongoEngine's, declared for the type checker
+        _document: Any
+        _collection: Any
+        _query: dict[str, Any]
+        _ordering: Any
+
+        def filter(self, *args: Any, **kwargs: Any) -> Any: ...
+        def _get_order_by(self, keys: Any) -> Any: ...
 
     def _lease_ops(self) -> LeaseOps:
         return lease_ops_for(self._document, self._collection)
@@ -75,3 +84,30 @@ class LockableQuerySet(QuerySet):
         doc = self._document._from_son(raw, created=False)
         doc._lease_taken(raw, token, ms)
         return doc
+
+
+class LockableQuerySet(_LeaseQueries, QuerySet):
+    """The queryset of :class:`~mongoengine_lockable.LockableMixin` documents.
+
+    A document with its own ``queryset_class`` should subclass this one.
+    """
+
+    def no_cache(self) -> LockableQuerySetNoCache:
+        """As MongoEngine's, keeping the lease methods."""
+        if self._result_cache is not None:
+            raise OperationError("QuerySet already cached")
+        queryset: LockableQuerySetNoCache = self._clone_into(
+            LockableQuerySetNoCache(self._document, self._collection)
+        )
+        return queryset
+
+
+class LockableQuerySetNoCache(_LeaseQueries, QuerySetNoCache):
+    """What :meth:`LockableQuerySet.no_cache` returns."""
+
+    def cache(self) -> LockableQuerySet:
+        """As MongoEngine's, keeping the lease methods."""
+        queryset: LockableQuerySet = self._clone_into(
+            LockableQuerySet(self._document, self._collection)
+        )
+        return queryset

@@ -175,11 +175,10 @@ def retry_until(
 
     :param attempt: one try, returning ``(result, None)`` on success, else
         ``(None, seconds until the holder's lease runs out, if known)``. Its
-        argument says whether that time is worth a read: not right before the
-        waker opens (the retry that follows reads it), nor after a release was
-        seen (another waiter won; the attempt may assume a lease like its own).
-        With many waiters, every release wakes them all: each read saved there
-        is one round trip per waiter per hand-off.
+        argument says whether that time is worth a read: not on the first try
+        when the waker opens next (the retry right after it reads), which
+        saves a round trip per contended call. After a release another waiter
+        won, it is read: the new lease may be shorter than the waiter's own.
     :param wait: seconds to keep trying (0: try once), ``None`` for no limit.
     :param waker: opens what the waiter blocks on between attempts; called
         only if the first attempt fails.
@@ -190,13 +189,12 @@ def retry_until(
     if result is not None or wait == 0:
         return result
     deadline = None if wait is None else clock() + wait
-    released = False
     with _Closing(waker()) as pauser:
         assert pauser is not None
         while True:
             # Retried first thing after the waker opened: a release made
             # before the stream existed is seen now.
-            result, expires_in = attempt(not released)
+            result, expires_in = attempt(True)
             if result is not None:
                 return result
             now = clock()
@@ -205,7 +203,7 @@ def retry_until(
             timeout = MAX_WAIT_SLICE if expires_in is None else max(expires_in, 0.001)
             if deadline is not None:
                 timeout = min(timeout, deadline - now)
-            released = pauser.pause(timeout)
+            pauser.pause(timeout)
 
 
 #: Longest single pause when the holder's time left is unknown.

@@ -372,3 +372,16 @@ def test_claim_with_status_filter_uses_compound_index(lockable_real_db):
     scans = _lease_scans(plan)
     assert [s["keyPattern"] for s in scans] == [{"status": 1, "locked_until": 1}], plan
     assert scans[0]["indexBounds"]["status"] == ['["pending", "pending"]'], plan
+
+
+@pytest.mark.usefixtures("lockable_db")
+def test_no_cache_and_back_keep_the_lease_methods():
+    held, free = Job(payload="held").save(), Job(payload="free").save()
+    assert held.lock(30)
+    quiet = Job.objects(payload__in=["held", "free"]).no_cache()
+    assert [j.pk for j in quiet.unlocked()] == [free.pk]
+    assert [j.pk for j in quiet.locked()] == [held.pk]
+    assert [j.pk for j in quiet.cache().unlocked()] == [free.pk]
+    claimed = quiet.claim(30)
+    assert claimed is not None and claimed.pk == free.pk
+    assert quiet.claim(30) is None

@@ -160,10 +160,10 @@ def test_locked_block_is_two_find_and_modifies(RJob, recorder):
 def test_is_locked_is_one_read_of_the_primary(RJob, recorder):
     job = saved(RJob, recorder, payload="x")
     assert job.is_locked() is False
-    assert recorder.names == ["find"], recorder.commands
+    assert recorder.names == ["aggregate"], recorder.commands
     command = recorder.commands[0]
     assert command.get("$readPreference", {"mode": "primary"})["mode"] == "primary"
-    assert_server_clock(command, "filter", "projection")
+    assert_server_clock(command, "pipeline")
 
 
 def test_unlocked_and_locked_querysets_use_the_server_clock(RJob, recorder):
@@ -183,7 +183,7 @@ def test_failed_lock_writes_nothing_else(RJob, recorder):
     assert job.lock(30) is False
     names = recorder.names
     assert names.count("findAndModify") == 1, recorder.commands
-    assert set(names) <= {"findAndModify", "find"}, recorder.commands
+    assert set(names) <= {"findAndModify", "aggregate"}, recorder.commands
 
 
 def test_lock_write_concern_of_the_class(recorder):

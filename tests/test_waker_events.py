@@ -7,12 +7,13 @@ narrowed to releases, deletes and replaces of the one record.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from mongoengine import Document, IntField
 
 from mongoengine_lockable import LockableMixin, NamedLock
-from mongoengine_lockable._lease import LeaseOps, lease_ops_for
+from mongoengine_lockable._lease import LeaseOps, lease_ops_for, time_left
 from mongoengine_lockable._named import _ops_on
 from mongoengine_lockable._waiting import ChangeStreamWaker
 
@@ -67,3 +68,30 @@ def test_named_lock_waiter_hears_only_releases(lockable_real_db: Any) -> None:
         assert events_seen(waker) == ["update"]
     finally:
         waker.close()
+
+
+def test_waiter_wakes_when_a_min_hold_ends_not_after_its_own_duration(
+    lockable_real_db: Any,
+) -> None:
+    """A release under ``min_hold`` wakes the waiter while the lock is still
+    held; it must then sleep until the hold ends (the server's time left),
+    not for a lease of its own length."""
+    holder = NamedLock("held-a-while", 30, min_hold=0.6)
+    assert holder.acquire()
+    holder.release()  # still held until 0.6 s after the grant
+    waiter = NamedLock("held-a-while", 30)
+    started = time.monotonic()
+    assert waiter.acquire(wait=10)
+    took = time.monotonic() - started
+    assert 0.3 < took < 5, took  # far from the 10 s wait and the 30 s lease
+    waiter.release()
+
+
+def test_a_free_lease_is_retried_at_once(lockable_real_db: Any) -> None:
+    ops = lease_ops_for(Watched, Watched._get_collection())
+    doc = Watched().save()
+    seen = ops.peek({"_id": doc.pk})
+    assert seen is not None and time_left(seen, ops.fields) == 0.0
+    assert doc.lock(0.2)
+    seen = ops.peek({"_id": doc.pk})
+    assert seen is not None and 0 < time_left(seen, ops.fields) <= 0.2
