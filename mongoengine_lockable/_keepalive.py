@@ -58,10 +58,6 @@ class KeepAlive:
             if not alive:
                 return
 
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
     def stop(self) -> None:
         """Stop renewing and wait for an in-flight renewal to finish."""
         self._stop.set()

@@ -31,6 +31,9 @@ log = logging.getLogger("mongoengine_lockable.waiting")
 BASE_DELAY = 0.005
 MAX_DELAY = 0.25
 
+#: Longest single pause when the holder's time left is unknown.
+MAX_WAIT_SLICE = 5.0
+
 #: Longest a change-stream read blocks before the waiter checks its clocks:
 #: the most a waiter can be late for a silent expiry or for its deadline.
 STREAM_AWAIT_MS = 100
@@ -205,6 +208,3 @@ def retry_until(
                 timeout = min(timeout, deadline - now)
             pauser.pause(timeout)
 
-
-#: Longest single pause when the holder's time left is unknown.
-MAX_WAIT_SLICE = 5.0
