@@ -539,7 +539,7 @@ class LeaseOps:
         assert f.acquired_at is not None
         if not self.server_clock:
             return self._grant_upsert_mock(key, owner, token, ms, extra)
-        free = {"$lte": ["$" + f.until, "$$NOW"]}
+        free = self.free()["$expr"]
         values: dict[str, Any] = {
             f.until: self._ends_in(ms),
             f.owner: {"$literal": owner},

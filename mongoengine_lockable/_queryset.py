@@ -9,7 +9,7 @@ from mongoengine.errors import OperationError
 from mongoengine.queryset import QuerySetNoCache
 
 from . import _args
-from ._lease import DOCUMENT_FIELDS, LeaseOps, client_now, lease_ops_for, new_owner
+from ._lease import LeaseOps, lease_ops_for, new_owner
 
 __all__ = ["LockableQuerySet", "LockableQuerySetNoCache"]
 
@@ -43,14 +43,8 @@ class _LeaseQueries:
         return self._lease_filter(held=True)
 
     def _lease_filter(self, *, held: bool) -> LockableQuerySet:
-        until = DOCUMENT_FIELDS.until
-        if self._lease_ops().server_clock:
-            op = "$gt" if held else "$lte"
-            return self.filter(__raw__={"$expr": {op: ["$" + until, "$$NOW"]}})  # type: ignore[no-any-return]
-        now = client_now()
-        if held:
-            return self.filter(__raw__={until: {"$gt": now}})  # type: ignore[no-any-return]
-        return self.filter(__raw__={"$or": [{until: None}, {until: {"$lte": now}}]})  # type: ignore[no-any-return]
+        ops = self._lease_ops()
+        return self.filter(__raw__=ops.held() if held else ops.free())  # type: ignore[no-any-return]
 
     def _claim_order(self) -> list[Any] | None:
         if self._ordering:

@@ -44,7 +44,6 @@ from hypothesis.stateful import (
 from mongoengine import Document, IntField, StringField
 
 import mongoengine_lockable._lease as lease_module
-import mongoengine_lockable._queryset as queryset_module
 from mongoengine_lockable import LockableMixin, LockNotOwnedError, NamedLock
 from mongoengine_lockable._named import DEFAULT_COLLECTION
 
@@ -427,7 +426,6 @@ class MockLeaseMachine(LeaseMachine):
 def test_lease_state_machine_on_mongomock(lockable_mongomock_db, monkeypatch):
     clock = MockLeaseMachine.clock
     monkeypatch.setattr(lease_module, "client_now", clock.client_now)
-    monkeypatch.setattr(queryset_module, "client_now", clock.client_now)
     run_state_machine_as_test(
         MockLeaseMachine,
         settings=settings(
@@ -500,7 +498,6 @@ EXACT_DURATIONS = [
 def fake_clock(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(lease_module, "client_now", clock.client_now)
-    monkeypatch.setattr(queryset_module, "client_now", clock.client_now)
     return clock
 
 
