@@ -81,6 +81,23 @@ def text(value: object, what: str) -> str:
     return value
 
 
+def stored_text(value: object, what: str) -> str:
+    """Check a non-empty ``str`` that is stored in a record: at most 1000
+    characters, encodable as UTF-8 (BSON strings are; a lone surrogate is not).
+    """
+    value = text(value, what)
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(
+            f"{what} is {len(value)} characters long, at most {MAX_NAME_LENGTH} are allowed"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} cannot be stored: it is not valid Unicode ({exc.reason} "
+                         f"at position {exc.start})") from None
+    return value
+
+
 def seconds_at_least_zero(value: object, what: str) -> float:
     """Check a number of seconds (or timedelta) that may be 0.
 
@@ -93,18 +110,50 @@ def seconds_at_least_zero(value: object, what: str) -> float:
     return seconds
 
 
+def owner_name(value: object, what: str = "owner") -> str:
+    """Check an owner: a non-empty ``str`` of at most 1000 characters that
+    encodes as UTF-8."""
+    return stored_text(value, what)
+
+
 def owner_string(value: object, what: str = "owner") -> str | None:
-    """Check an ``owner`` argument: ``None`` or a non-empty ``str``."""
-    return None if value is None else text(value, what)
+    """Check an optional ``owner`` argument: ``None`` or :func:`owner_name`."""
+    return None if value is None else owner_name(value, what)
 
 
 def lock_name(value: object) -> str:
-    """Check a named lock's name: a non-empty ``str`` of at most 1000 characters."""
-    value = text(value, "lock name")
-    if len(value) > MAX_NAME_LENGTH:
-        raise ValueError(
-            f"lock name is {len(value)} characters long, at most {MAX_NAME_LENGTH} are allowed"
-        )
+    """Check a named lock's name: a non-empty ``str`` of at most 1000
+    characters that encodes as UTF-8."""
+    return stored_text(value, "lock name")
+
+
+def count(value: object, what: str) -> int:
+    """Check a count: an ``int`` >= 1 (``bool`` is a ``TypeError``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{what} must be at least 1, not {value}")
+    return value
+
+
+#: MongoDB's limit on a namespace (``database.collection``), in bytes.
+MAX_NAMESPACE_BYTES = 255
+
+
+def collection_name(value: object, what: str = "collection") -> str:
+    """Check a collection name as MongoDB would, before it is used: a
+    non-empty ``str`` without ``$`` or NUL, not starting with ``system.`` or a
+    dot, and not longer than a namespace may be.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not a usable collection name: {value!r}") from None
+    if (not value or "$" in value or "\0" in value or value.startswith(("system.", "."))
+            or value.endswith(".") or size >= MAX_NAMESPACE_BYTES):
+        raise ValueError(f"{what} is not a usable collection name: {value!r}")
     return value
 
 

@@ -1,10 +1,13 @@
-"""Keeping a lease alive from a background thread.
+"""Blocking faces of the lease policy: :class:`BlockingLease` runs a
+:class:`~mongoengine_lockable._engine.Lease`'s steps with a blocking executor
+and keeps the lease alive from a background thread.
 
-The thread holds only a weak reference to the lease's owner object (a document
-or a named lock), so a forgotten holder can still be garbage-collected; it
-renews at a third of the lease's duration, so two renewals can fail (a
-failover, a slow network) before the lease runs out. ``stop()`` is called by
-``release()`` and joins the thread, so no thread outlives its lease.
+The thread holds only a weak reference to its lease, so a forgotten holder can
+still be garbage-collected (and its lease then expires); it renews at a third of
+the lease's duration, each renewal bounded by the time the lease has left, and
+fires ``lock_lost`` when a renewal finds the lease gone or when renewals keep
+failing until the local deadline passes. ``release()`` stops and joins it, so no
+thread outlives its lease.
 """
 
 from __future__ import annotations
@@ -12,54 +15,107 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any
+
+from ._engine import Lease, Result
+from ._io import SyncIO, run
+from ._rules import View
+
+__all__ = ["BlockingLease", "KeepAlive"]
 
 log = logging.getLogger("mongoengine_lockable.keepalive")
 
-#: Renew when this fraction of the lease has passed.
-RENEW_FRACTION = 1 / 3
-
-
-class Renewable(Protocol):
-    def _keepalive_renew(self) -> bool:
-        """Renew once; ``False`` if the lease is lost (stop renewing)."""
-
 
 class KeepAlive:
-    """Renews ``target``'s lease every ``RENEW_FRACTION`` of ``ms``.
+    """Renews ``lease`` from a daemon thread until stopped, lost or released."""
 
-    :param target: the holder; its ``_keepalive_renew()`` is called from the thread.
-    :param ms: the lease's duration in milliseconds.
-    """
-
-    def __init__(self, target: Renewable, ms: int) -> None:
-        self.interval = ms / 1000 * RENEW_FRACTION
-        self._target = weakref.ref(target)
+    def __init__(self, lease: BlockingLease) -> None:
+        self._lease = weakref.ref(lease)
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, name=f"lockable-keepalive-{id(target):x}", daemon=True
+            target=self._run, name=f"lockable-keepalive-{id(lease):x}", daemon=True
         )
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            target = self._target()
-            if target is None:
+        lease = self._lease()
+        delay = None if lease is None else lease.lease.keepalive_delay()
+        del lease
+        while delay is not None and not self._stop.wait(delay):
+            lease = self._lease()
+            if lease is None:
                 return
             try:
-                alive = target._keepalive_renew()
-            except Exception:
-                log.warning(
-                    "lease renewal failed; retrying in %.3f s", self.interval, exc_info=True
-                )
-                continue
-            finally:
-                del target
-            if not alive:
+                delay = run(lease.lease.keep(), lease.io)
+            except Exception:  # pragma: no cover - keep() handles database errors
+                log.exception("keepalive of %s failed", lease.lease.what)
                 return
+            finally:
+                del lease
 
     def stop(self) -> None:
         """Stop renewing and wait for an in-flight renewal to finish."""
         self._stop.set()
         if threading.current_thread() is not self._thread:
             self._thread.join()
+
+
+class BlockingLease:
+    """A :class:`Lease` with a blocking executor and its keepalive thread: what
+    every blocking face (documents, named locks, semaphores) acquires,
+    releases and renews through."""
+
+    def __init__(self, lease: Lease, io: SyncIO) -> None:
+        self.lease = lease
+        self.io = io
+        self._keeper: KeepAlive | None = None
+
+    def _stop_keepalive(self) -> None:
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.stop()
+
+    def acquire(
+        self,
+        owner: str,
+        ms: int,
+        *,
+        wait: float | None,
+        force: bool = False,
+        keepalive: bool = False,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Result | None:
+        """Acquire (see :meth:`Lease.acquire`); with ``keepalive``, renew from a
+        background thread until :meth:`release`."""
+        self._stop_keepalive()
+        result = run(self.lease.acquire(owner, ms, wait=wait, force=force, extra=extra),
+                     self.io, track=wait != 0)
+        if result is not None and keepalive:
+            self.keep_alive()
+        return result
+
+    def keep_alive(self) -> None:
+        """Start renewing the held lease from a background thread."""
+        self._stop_keepalive()
+        self._keeper = KeepAlive(self)
+
+    def release(self, owner: str | None = None) -> Result:
+        if owner is None or (self.lease.held is not None and self.lease.held.owner == owner):
+            self._stop_keepalive()
+        return run(self.lease.release(owner), self.io)
+
+    def renew(self, ms: int | None = None, owner: str | None = None) -> Result:
+        return run(self.lease.renew(ms, owner), self.io)
+
+    def update(self, update: dict[str, Any]) -> Result:
+        return run(self.lease.update(update), self.io)
+
+    def owned(self, owner: str | None = None) -> bool:
+        return run(self.lease.owned(owner), self.io)
+
+    def look(self) -> View:
+        return run(self.lease.look(), self.io)
+
+    def remaining(self) -> float:
+        return self.lease.remaining()

@@ -2,48 +2,28 @@
 
 from __future__ import annotations
 
-import logging
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mongoengine.errors import InvalidQueryError, LookUpError, ValidationError
-from mongoengine.fields import DateTimeField, IntField, StringField
+from mongoengine.fields import DateTimeField, DictField, IntField, ListField, StringField
 from mongoengine.queryset import transform
 from pymongo.write_concern import WriteConcern
 
-from . import _args, signals
-from ._errors import LockNotOwnedError, LockUnavailableError, UnsavedDocumentError, held_by
-from ._keepalive import KeepAlive
-from ._lease import (
-    DEFAULT_WRITE_CONCERN,
-    DOCUMENT_FIELDS,
-    HELD,
-    LeaseOps,
-    checked_write_concern,
-    lease_ops_for,
-    new_owner,
-    time_left,
-)
+from . import _args
+from ._engine import Lease, Result, new_owner
+from ._errors import UnsavedDocumentError
+from ._io import DEFAULT_WRITE_CONCERN, SyncIO, checked_write_concern, executor_for
+from ._keepalive import BlockingLease
 from ._queryset import LockableQuerySet
-from ._waiting import retry_until
+from ._rules import DOCUMENT_LAYOUT, DocumentKind
 
-__all__ = ["LockableMixin"]
+__all__ = ["LockableMixin", "document_lease", "executor_of"]
 
-log = logging.getLogger("mongoengine_lockable.document")
-
-_LEASE_FIELDS = frozenset(DOCUMENT_FIELDS.lease)
-# Release and renew read back only the lease fields: the caller's unsaved
-# edits to other fields are left alone.
-_LEASE_PROJECTION = dict.fromkeys(DOCUMENT_FIELDS.lease, True)
-
-
-class _Held(NamedTuple):
-    """The instance's last acquisition."""
-
-    owner: str
-    fence: int
-    ms: int
+KIND = DocumentKind()
+_PROTECTED = KIND.protected()
 
 
 class _MixinMeta:
@@ -68,6 +48,62 @@ class _MixinMeta:
         raise AttributeError("meta")
 
 
+def executor_of(doc_cls: Any, collection: Any | None = None) -> SyncIO:
+    """The executor of a document class's leases on ``collection`` (default:
+    the class's own), built once per class and collection; the class's
+    ``lock_write_concern`` applies."""
+    write_concern = checked_write_concern(doc_cls.lock_write_concern, "lock_write_concern")
+    own = doc_cls._get_collection()
+    collection = own if collection is None else collection
+    cached = doc_cls.__dict__.get("_lockable_io")
+    if cached is not None and cached[0] is collection and cached[1] is write_concern:
+        io: SyncIO = cached[2]
+        return io
+    io = executor_for(collection, write_concern)
+    # A switch_db()/using() collection differs from the class's: only the
+    # class's own is worth keeping.
+    if collection is own:
+        type.__setattr__(doc_cls, "_lockable_io", (collection, write_concern, io))
+    return io
+
+
+def document_lease(doc: Any) -> BlockingLease:
+    """The lease handle of a document instance (created on first use).
+
+    The handle refers to its document weakly: a forgotten document can be
+    garbage-collected, and its keepalive then stops.
+    """
+    handle: BlockingLease | None = doc.__dict__.get("_lockable_handle")
+    match = doc._lease_match()
+    if handle is None or handle.lease.match != match:
+        cls = type(doc)
+        ref = weakref.ref(doc)
+
+        def subject() -> tuple[Any, dict[str, Any]]:
+            return cls, {"document": ref()}
+
+        def on_stored(result: Result, whole: bool) -> None:
+            document = ref()
+            if document is not None and result.doc is not None:
+                if whole:
+                    document._load_stored(result.doc)
+                else:
+                    document._load_lease_fields(result.doc)
+
+        lease = Lease(
+            KIND,
+            match,
+            what=f"{cls.__name__} {doc.pk!r}",
+            target=doc.pk,
+            subject=subject,
+            on_stored=on_stored,
+            missing=lambda: cls.DoesNotExist(f"{cls.__name__} {doc.pk!r} does not exist"),
+        )
+        handle = BlockingLease(lease, executor_of(cls))
+        doc.__dict__["_lockable_handle"] = handle
+    return handle
+
+
 class LockableMixin:
     """Mix into a :class:`mongoengine.Document` to give it a lease::
 
@@ -76,23 +112,29 @@ class LockableMixin:
 
     Adds the stored fields ``locked_until`` (indexed; ``None`` when free after
     a release or never locked), ``locked_by`` (owner of the current or last
-    lease) and ``lock_fence`` (fencing token, +1 on every acquisition), the
-    lease methods below, and :class:`LockableQuerySet` as ``Job.objects``.
+    lease) and ``lock_fence`` (fencing token, +1 on every acquisition), and
+    the bookkeeping fields ``lock_token`` (ticket of the current grant),
+    ``lock_stamp`` (id of the last lease change) and ``lock_waiters`` (the
+    queue of waiting callers); the lease methods below; and
+    :class:`LockableQuerySet` as ``Job.objects``.
 
     ``lock_write_concern`` (class attribute) is the write concern of lease
     changes, ``majority`` by default.
+
+    :raises TypeError: at class creation, when the document's
+        ``queryset_class`` is not a :class:`LockableQuerySet`.
     """
 
     locked_until = DateTimeField(default=None)
     locked_by = StringField(default=None)
     lock_fence = IntField(default=0)
+    lock_token = StringField(default=None)
+    lock_stamp = StringField(default=None)
+    lock_waiters = ListField(DictField(), default=None)
 
     meta = _MixinMeta({"indexes": ["locked_until"], "queryset_class": LockableQuerySet})
 
     lock_write_concern: ClassVar[WriteConcern] = DEFAULT_WRITE_CONCERN
-
-    _lockable_held: _Held | None = None
-    _lockable_keepalive: KeepAlive | None = None
 
     # The attributes below are MongoEngine's; declared for the type checker.
     if TYPE_CHECKING:  # pragma: no cover
@@ -111,12 +153,23 @@ class LockableMixin:
         @property
         def _object_key(self) -> dict[str, Any]: ...
 
-    # -- plumbing -------------------------------------------------------------
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        meta = cls.__dict__.get("_meta")
+        queryset_class = meta.get("queryset_class") if isinstance(meta, dict) else None
+        if queryset_class is not None and not (
+            isinstance(queryset_class, type) and issubclass(queryset_class, LockableQuerySet)
+        ):
+            name = getattr(queryset_class, "__name__", repr(queryset_class))
+            raise TypeError(
+                f"{cls.__name__}: meta['queryset_class'] is {name}, which is not a "
+                f"LockableQuerySet, so {cls.__name__}.objects would lose claim(), "
+                "unlocked() and locked(). Combine the two: "
+                f"class {cls.__name__}QuerySet(LockableQuerySet, {name}): pass, and set "
+                f"meta = {{'queryset_class': {cls.__name__}QuerySet}}"
+            )
 
-    def _lease_ops(self) -> LeaseOps:
-        # Checked before the collection is touched (its first use creates indexes).
-        checked_write_concern(type(self).lock_write_concern, "lock_write_concern")
-        return lease_ops_for(type(self), self._get_collection())
+    # -- plumbing -------------------------------------------------------------
 
     def _lease_match(self) -> dict[str, Any]:
         """The raw filter naming this document: ``_id``, and the shard key
@@ -130,68 +183,29 @@ class LockableMixin:
         query: dict[str, Any] = self._qs.filter(**self._object_key)._query
         return query
 
-    def _lease_taken(self, raw: dict[str, Any], owner: str, ms: int) -> None:
-        """Show the document as stored at the grant and remember the lease."""
-        self._stop_keepalive()
-        self._load_stored(raw)
-        self._lockable_held = _Held(owner, int(raw[DOCUMENT_FIELDS.fence]), ms)
-        signals.lock_acquired.send(type(self), document=self, owner=owner, fence=self.lock_fence)
-
-    def _stop_keepalive(self) -> None:
-        keeper = self._lockable_keepalive
-        if keeper is not None:
-            self._lockable_keepalive = None
-            keeper.stop()
-
-    def _keepalive_renew(self) -> bool:
-        """One renewal from the keepalive thread; ``False`` once the lease is lost."""
-        held = self._lockable_held
-        if held is None:
-            return False
-        try:
-            self.renew()
-        except LockNotOwnedError:
-            log.warning("lease on %s %r lost (owner %s)", type(self).__name__, self.pk, held.owner)
-            signals.lock_lost.send(type(self), document=self, owner=held.owner, fence=held.fence)
-            return False
-        return True
-
     def _load_stored(self, raw: dict[str, Any]) -> None:
         """Replace every field by the stored document ``raw`` (as ``reload``)."""
         stored = type(self)._from_son(raw, created=False)  # type: ignore[attr-defined]
         for name in self._fields:
             setattr(self, name, self._reload(name, stored._data.get(name)))
+        for name, value in stored._data.items():
+            if name not in self._fields:  # a DynamicDocument's dynamic fields
+                setattr(self, name, value)
         self._changed_fields = []
         self._created = False
 
     def _load_lease_fields(self, raw: dict[str, Any]) -> None:
-        for name in DOCUMENT_FIELDS.lease:
+        for name in DOCUMENT_LAYOUT.all:
             self._data[name] = self._fields[name].to_python(raw.get(name))
 
-    def _caller(self, owner: str | None) -> tuple[str, int | None, _Held | None]:
-        """Who "this caller" is: ``owner`` if given, else the instance's last
-        acquisition. Returns (owner, fence or None, the instance's own lease if
-        it is the one meant)."""
-        held = self._lockable_held
-        if owner is None:
-            if held is None:
-                raise LockNotOwnedError(
-                    f"this {type(self).__name__} instance has not acquired a lease "
-                    "(pass owner= to act on a lease acquired elsewhere)",
-                    target=self.pk,
-                )
-            return held.owner, held.fence, held
-        if held is not None and held.owner == owner:
-            return owner, held.fence, held
-        return owner, None, None
-
-    def _not_owned(self, what: str, owner: str) -> LockNotOwnedError:
-        return LockNotOwnedError(
-            f"cannot {what} {type(self).__name__} {self.pk!r}: "
-            f"owner {owner!r} does not hold an unexpired lease on it",
-            target=self.pk,
-            owner=owner,
-        )
+    def _refuse_unsaved_changes(self, what: str) -> None:
+        changed = sorted({str(f).split(".")[0] for f in self._changed_fields or ()})
+        if changed:
+            raise ValueError(
+                f"{type(self).__name__} {self.pk!r} has unsaved changes to {changed}: "
+                f"{what} would replace them with the document as stored; save() or "
+                "reload() it first"
+            )
 
     # -- public API -----------------------------------------------------------
 
@@ -206,23 +220,27 @@ class LockableMixin:
     ) -> bool:
         """Take the lease on this document.
 
-        One conditional ``findAndModify`` per attempt (see
-        :meth:`LeaseOps.grant`): granted only if the lease is free by the
-        server's clock, or always with ``force``.
+        One ``findAndModify`` per attempt, decided by the server's clock:
+        granted only if the lease is free and nobody is queued for it, or always
+        with ``force``. Waiting callers queue in the document and are served
+        first come, first served: a release hands the lease to the longest
+        waiting one in the same write.
 
         :param duration: the lease's length, counted from the grant.
-        :param wait: seconds to keep trying while another holder has it
-            (``None``: no limit); 0 tries once.
+        :param wait: seconds to wait for the lease (``None``: no limit); 0 tries
+            once.
         :param owner: the holder's name; default a fresh random token per call.
         :param force: take the lease even while held; the fence still grows, so
             the previous holder's :meth:`update_if_held` fails.
         :param keepalive: renew the lease from a background thread until
-            :meth:`release`; if a renewal finds it lost, ``lock_lost`` fires and
-            the following release raises.
+            :meth:`release`; if it is lost anyway, ``lock_lost`` fires and the
+            following release raises.
         :return: ``True`` if this caller now holds the lease (the instance shows
-            the document as stored at that moment), ``False`` if another
-            holder's lease stayed unexpired for the whole wait.
-        :raises TypeError, ValueError: bad arguments, before any database call.
+            the document as stored at that moment), ``False`` if it was still
+            held (or others were queued) for the whole wait.
+        :raises TypeError, ValueError: bad arguments, before any database call;
+            ``ValueError`` also when the instance has unsaved changes, which the
+            stored document would replace.
         :raises UnsavedDocumentError: the document has no primary key.
         :raises DoesNotExist: the document was deleted.
         """
@@ -231,33 +249,14 @@ class LockableMixin:
         token = _args.owner_string(owner) or new_owner()
         force = _args.flag(force, "force")
         keepalive = _args.flag(keepalive, "keepalive")
-        match = self._lease_match()
-        ops = self._lease_ops()
-
-        def attempt(read: bool) -> tuple[dict[str, Any] | None, float | None]:
-            raw = ops.grant(match, token, ms, force=force)
-            if raw is not None:
-                return raw, None
-            if not read:
-                return None, ms / 1000
-            # Held, or gone? The read also tells how long the holder has left.
-            seen = ops.peek(match)
-            if seen is None:
-                raise self.DoesNotExist(f"{type(self).__name__} {self.pk!r} does not exist")
-            return None, time_left(seen, ops.fields)
-
-        raw = retry_until(
-            attempt, wait_s, lambda: ops.waker(match["_id"])
-        )
-        if raw is None:
-            return False
-        self._lease_taken(raw, token, ms)
-        if keepalive:
-            self._lockable_keepalive = KeepAlive(self, ms)
-        return True
+        handle = document_lease(self)
+        self._refuse_unsaved_changes("lock()")
+        result = handle.acquire(token, ms, wait=wait_s, force=force, keepalive=keepalive)
+        return result is not None
 
     def release(self, *, owner: str | None = None) -> None:
-        """End this caller's lease now; the document is lockable again at once.
+        """End this caller's lease now; the document is lockable again at once
+        (or passes to the longest waiting caller in the same write).
 
         "This caller" is the instance's last acquisition, or ``owner``.
         ``locked_until`` becomes ``None``; ``locked_by`` and ``lock_fence`` stay.
@@ -267,19 +266,7 @@ class LockableMixin:
             is cleared before this is raised.
         """
         owner = _args.owner_string(owner)
-        token, fence, held = self._caller(owner)
-        match = self._lease_match()
-        ops = self._lease_ops()
-        if held is not None:
-            self._stop_keepalive()
-        raw = ops.release(match, token, fence, projection=_LEASE_PROJECTION)
-        if held is not None:
-            self._lockable_held = None
-        if raw is None:
-            ops.clear_expired(match, token, fence)
-            raise self._not_owned("release", token)
-        self._load_lease_fields(raw)
-        signals.lock_released.send(type(self), document=self, owner=token, fence=self.lock_fence)
+        document_lease(self).release(owner)
 
     def renew(
         self, duration: _args.Duration | None = None, *, owner: str | None = None
@@ -294,24 +281,12 @@ class LockableMixin:
         """
         ms = None if duration is None else _args.duration_ms(duration)
         owner = _args.owner_string(owner)
-        token, fence, held = self._caller(owner)
-        if ms is None:
-            if held is None:
-                raise TypeError(
-                    "renew() needs a duration for a lease this instance did not acquire"
-                )
-            ms = held.ms
-        match = self._lease_match()
-        raw = self._lease_ops().renew(match, token, fence, ms, projection=_LEASE_PROJECTION)
-        if raw is None:
-            raise self._not_owned("renew", token)
-        self._load_lease_fields(raw)
-        signals.lock_renewed.send(type(self), document=self, owner=token, fence=self.lock_fence)
+        document_lease(self).renew(ms, owner)
 
     def update_if_held(self, **update: Any) -> None:
         """Apply a MongoEngine-style update (``set__status="done"``,
         ``inc__tries=1``) only while this instance's lease, with its fence, is
-        unexpired; the instance then shows the updated document.
+        unexpired; the instance then shows the document as stored after it.
 
         :raises TypeError: no update, or an update naming unknown fields.
         :raises ValueError: the update touches the lease fields, or a value is
@@ -335,21 +310,15 @@ class LockableMixin:
             paths = set(changes)
             if operator == "$rename":  # its values are paths too
                 paths |= set(changes.values())
-            touched = {str(path).split(".")[0] for path in paths} & _LEASE_FIELDS
+            touched = {str(path).split(".")[0] for path in paths} & _PROTECTED
             if touched:
                 raise ValueError(
                     f"update_if_held() cannot change the lease fields {sorted(touched)}: "
                     "use lock(), renew() or release()"
                 )
-        held = self._lockable_held
-        if held is None:
-            raise LockNotOwnedError(
-                f"this {type(self).__name__} instance has not acquired a lease", target=self.pk
-            )
-        raw = self._lease_ops().update_held(self._lease_match(), held.owner, held.fence, raw_update)
-        if raw is None:
-            raise self._not_owned("update", held.owner)
-        self._load_stored(raw)
+        handle = document_lease(self)
+        self._refuse_unsaved_changes("update_if_held()")
+        handle.update(raw_update)
 
     def _bad_update_value(self, update: dict[str, Any], exc: Exception) -> str:
         """Name the keyword whose value the field refused."""
@@ -361,14 +330,32 @@ class LockableMixin:
         return str(exc)  # pragma: no cover - only a combination failed
 
     def is_locked(self) -> bool:
-        """Read the database: is an unexpired lease held on this document now?
+        """Read the database: is an unexpired lease held on this document now
+        (by anyone)?
 
         :raises DoesNotExist: the document was deleted.
         """
-        seen = self._lease_ops().peek(self._lease_match())
-        if seen is None:
+        view = document_lease(self).look()
+        if not view.exists:
             raise self.DoesNotExist(f"{type(self).__name__} {self.pk!r} does not exist")
-        return bool(seen[HELD])
+        return view.held
+
+    def owns_lock(self, *, owner: str | None = None) -> bool:
+        """Read the primary: does the caller (this instance's last acquisition
+        with its fence, or ``owner``) hold an unexpired lease now?"""
+        owner = _args.owner_string(owner)
+        return document_lease(self).owned(owner)
+
+    def lease_remaining(self) -> float:
+        """Seconds the caller may still count on its lease, with no I/O.
+
+        The granted duration minus the time since the successful attempt was
+        sent (so never more than the server granted), extended by each
+        renewal; ``0.0`` when not held (never acquired, released, expired by
+        this count, or known to be lost).
+        """
+        handle: BlockingLease | None = self.__dict__.get("_lockable_handle")
+        return 0.0 if handle is None else handle.remaining()
 
     @contextmanager
     def locked(
@@ -392,21 +379,9 @@ class LockableMixin:
             (chained to the block's own exception, if any).
         """
         if not self.lock(duration, wait=wait, owner=owner, keepalive=keepalive):
-            holder = self._holder_now()
-            raise LockUnavailableError(
-                f"{type(self).__name__} {self.pk!r} {held_by(holder)}",
-                target=self.pk,
-                owner=holder,
-            )
+            raise document_lease(self).lease.unavailable()
         try:
             yield self
         finally:
             self.release()
 
-    def _holder_now(self) -> str | None:
-        """The owner of the unexpired lease now, or ``None``."""
-        seen = self._lease_ops().peek(self._lease_match())
-        if seen is None or not seen[HELD]:
-            return None
-        owner: str | None = seen.get(DOCUMENT_FIELDS.owner)
-        return owner

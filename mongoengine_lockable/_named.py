@@ -1,12 +1,14 @@
 """Named (advisory) locks: ``NamedLock`` and ``@exclusive``.
 
 A named lock is a lease on one record per name in a collection of its own
-(``lockable_named_locks`` by default), through the same operations as a
-document lease (:mod:`mongoengine_lockable._lease`). A record looks like::
+(``lockable_named_locks`` by default), with the same rules and policy as a
+document lease (:mod:`mongoengine_lockable._rules`,
+:mod:`mongoengine_lockable._engine`). A record looks like::
 
-    {_id: "nightly-report", locked_until: <date>, owner: "web-1:4242:9f0c...",
-     fence: 1795379760218, token: "...", host: "web-1", pid: 4242,
-     acquired_at: <date>}
+    {_id: "nightly-report", kind: "lock", locked_until: <date>,
+     owner: "web-1:4242:9f0c...", fence: 1795379760218, token: "...",
+     stamp: "...", host: "web-1", pid: 4242, acquired_at: <date>,
+     waiters: [...]}
 
 ``locked_until``, ``acquired_at`` and the fence come from the server's clock.
 Released records keep an expired ``locked_until`` (not ``null``) so that the
@@ -17,24 +19,23 @@ a held record is never removed, since its ``locked_until`` is in the future.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
-import os
-import secrets
-import socket
+import string
 import threading
-from datetime import datetime
+import weakref
 from types import TracebackType
-from typing import Any, Callable, NamedTuple, TypeVar
+from typing import Any, Callable, TypeVar
 
 from mongoengine.connection import get_db
 from pymongo.errors import OperationFailure
 from pymongo.write_concern import WriteConcern
 
-from . import _args, signals
-from ._errors import LockNotOwnedError, LockUnavailableError, held_by
-from ._keepalive import KeepAlive
-from ._lease import HELD, NAMED_FIELDS, LeaseOps, checked_write_concern, new_owner, time_left
-from ._waiting import retry_until
+from . import _args
+from ._engine import Lease, host_and_pid, look, new_owner
+from ._io import checked_write_concern, executor_for, run
+from ._keepalive import BlockingLease
+from ._rules import NamedKind, View
 
 __all__ = ["DEFAULT_COLLECTION", "NamedLock", "exclusive"]
 
@@ -49,9 +50,7 @@ DEFAULT_COLLECTION = "lockable_named_locks"
 #: unless a name was granted more than once per millisecond for that long.
 RECORD_GRACE_SECONDS = 3600
 
-_HOST = socket.gethostname()
 _DEFAULT: Any = object()
-_RECORD_PROJECTION = dict.fromkeys(NAMED_FIELDS.lease, True)
 
 # Collections whose TTL index this process has already ensured.
 _ttl_ready: set[tuple[int, str]] = set()
@@ -60,27 +59,11 @@ _ttl_lock = threading.Lock()
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class _Acquired(NamedTuple):
-    fence: int
-    acquired_at: datetime | None
-    until: datetime | None
-
-
-def _collection_name(value: object, what: str) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{what} must be a str, not {type(value).__name__}")
-    if not value or "$" in value or "\0" in value or value.startswith("system."):
-        raise ValueError(f"{what} is not a usable collection name: {value!r}")
-    return value
-
-
-def _alias(value: object) -> str:
-    return _args.text(value, "alias")
-
-
-def _ops_on(alias: str, collection: str, write_concern: WriteConcern | None) -> LeaseOps:
+def records(alias: str, collection: str) -> Any:
+    """The collection of named records ``collection`` on connection ``alias``,
+    with its TTL index ensured once per process (no index is created for a
+    name MongoDB would refuse: names are checked before they get here)."""
     coll = get_db(alias)[collection]
-    ops = LeaseOps(coll, NAMED_FIELDS, write_concern)
     key = (id(coll.database.client), coll.full_name)
     if key not in _ttl_ready:
         with _ttl_lock:
@@ -96,7 +79,13 @@ def _ops_on(alias: str, collection: str, write_concern: WriteConcern | None) -> 
                     # operator chose it; locks work without the cleanup.
                     log.warning("named-lock TTL index not created on %s: %s", coll.full_name, exc)
                 _ttl_ready.add(key)
-    return ops
+    return coll
+
+
+def view_of(kind: Any, name: str, alias: str, collection: str) -> View:
+    """Read the primary: the record of ``name`` as it stands now."""
+    coll = records(alias, collection)
+    return run(look(kind, {"_id": name}), executor_for(coll))
 
 
 class NamedLock:
@@ -110,8 +99,9 @@ class NamedLock:
                 lock.release()
 
     Not re-entrant: while held, a second ``acquire`` fails, even from this
-    instance. Constructing one does no I/O; acquire, release and renew each
-    send one ``findAndModify`` (and waiting adds reads and a change stream).
+    instance. Callers that wait are served first come, first served.
+    Constructing one does no I/O; acquire, release and renew each send one
+    ``findAndModify`` per attempt.
 
     :param name: the lock's name, a non-empty ``str`` of at most 1000 characters.
     :param duration: the lease's length, counted from each grant.
@@ -142,25 +132,30 @@ class NamedLock:
         collection: str = DEFAULT_COLLECTION,
         write_concern: WriteConcern | None = None,
     ) -> None:
-        self.name = _args.lock_name(name)
+        self.name = name = _args.lock_name(name)
         self._ms = _args.duration_ms(duration)
         self.owner = _args.owner_string(owner) or new_owner()
         self.wait = _args.wait_seconds(wait)
         self.keepalive = _args.flag(keepalive, "keepalive")
         hold = _args.seconds_at_least_zero(min_hold, "min_hold")
-        self._min_hold_ms = round(hold * 1000)
-        if self._min_hold_ms > self._ms:
+        min_hold_ms = round(hold * 1000)
+        if min_hold_ms > self._ms:
             raise ValueError(f"min_hold ({hold} s) must not exceed duration ({self._ms / 1000} s)")
-        self.alias = _alias(alias)
-        self.collection = _collection_name(collection, "collection")
+        self.alias = _args.text(alias, "alias")
+        self.collection = _args.collection_name(collection)
         self._write_concern = checked_write_concern(write_concern, "write_concern")
-        #: Fence of this instance's latest grant; ``None`` before the first.
-        self.fence: int | None = None
-        self._held: _Acquired | None = None
-        self._keeper: KeepAlive | None = None
+        ref = weakref.ref(self)
+        self._lease = Lease(
+            NamedKind(min_hold_ms),
+            {"_id": self.name},
+            what=f"lock {self.name!r}",
+            target=self.name,
+            subject=lambda: (ref(), {"name": name}),
+        )
+        self._handle: BlockingLease | None = None
 
     def __repr__(self) -> str:
-        state = "held" if self._held is not None else "not held"
+        state = "held" if self._lease.held is not None else "not held"
         return f"<NamedLock {self.name!r} owner={self.owner!r} fence={self.fence} {state}>"
 
     @property
@@ -168,76 +163,46 @@ class NamedLock:
         """The lease's length in seconds."""
         return self._ms / 1000
 
-    def _ops(self) -> LeaseOps:
-        return _ops_on(self.alias, self.collection, self._write_concern)
+    @property
+    def fence(self) -> int | None:
+        """The fence of this instance's latest grant; ``None`` before the first.
+        It only ever increases for a name."""
+        return self._lease.fence
+
+    def _blocking(self) -> BlockingLease:
+        coll = records(self.alias, self.collection)
+        handle = self._handle
+        if handle is None or handle.io.source is not coll:
+            io = executor_for(coll, self._write_concern)
+            if handle is None:
+                handle = self._handle = BlockingLease(self._lease, io)
+            else:
+                handle.io = io
+        return handle
 
     def acquire(self, *, wait: _args.Duration | None = _DEFAULT) -> bool:
         """Take the lock.
 
-        One conditional upsert per attempt (:meth:`LeaseOps.grant_upsert`);
-        a lost race to create the record counts as "held".
+        One conditional upsert per attempt; waiting callers queue in the record
+        and a release hands the lock to the longest waiting one.
 
-        :param wait: seconds to keep trying (``None``: no limit); default the
-            lock's ``wait``.
+        :param wait: seconds to wait (``None``: no limit); default the lock's
+            ``wait``.
         :return: ``True`` if this instance now holds the lock.
         """
         wait_s = self.wait if wait is _DEFAULT else _args.wait_seconds(wait)
-        ops = self._ops()
-        extra = {"host": _HOST, "pid": os.getpid()}
-
-        def attempt(read: bool) -> tuple[dict[str, Any] | None, float | None]:
-            token = secrets.token_hex(8)
-            record = ops.grant_upsert(self.name, self.owner, token, self._ms, extra)
-            if record is not None and record.get("token") == token:
-                return record, None
-            if not read:
-                return None, self._ms / 1000
-            seen = ops.peek({"_id": self.name})
-            return None, None if seen is None else time_left(seen, ops.fields)
-
-        record = retry_until(attempt, wait_s, lambda: ops.waker(self.name))
-        if record is None:
-            return False
-        self._stop_keepalive()
-        self.fence = int(record["fence"])
-        self._held = _Acquired(self.fence, record.get("acquired_at"), record.get("locked_until"))
-        signals.lock_acquired.send(self, name=self.name, owner=self.owner, fence=self.fence)
-        if self.keepalive:
-            self._keeper = KeepAlive(self, self._ms)
-        return True
-
-    def _not_owned(self, what: str) -> LockNotOwnedError:
-        return LockNotOwnedError(
-            f"cannot {what} lock {self.name!r}: owner {self.owner!r} does not hold it",
-            target=self.name,
-            owner=self.owner,
-        )
+        result = self._blocking().acquire(self.owner, self._ms, wait=wait_s,
+                                          keepalive=self.keepalive, extra=host_and_pid())
+        return result is not None
 
     def release(self) -> None:
-        """Release the lock (kept until ``min_hold`` after the grant, if set).
+        """Release the lock (kept until ``min_hold`` after the grant, if set;
+        otherwise passed to the longest waiting caller at once).
 
         :raises LockNotOwnedError: this instance does not hold it now
             (never acquired, released, expired or taken over).
         """
-        held = self._held
-        if held is None:
-            raise self._not_owned("release")
-        self._stop_keepalive()
-        raw = self._ops().release(
-            {"_id": self.name},
-            self.owner,
-            held.fence,
-            projection=_RECORD_PROJECTION,
-            min_hold_ms=self._min_hold_ms,
-            acquired_at=held.acquired_at,
-            until_now=held.until,
-        )
-        # Forgotten only once the server answered: after an error the caller
-        # can still retry the release.
-        self._held = None
-        if raw is None:
-            raise self._not_owned("release")
-        signals.lock_released.send(self, name=self.name, owner=self.owner, fence=held.fence)
+        self._blocking().release()
 
     def renew(self, duration: _args.Duration | None = None) -> None:
         """Extend the held lock to now + ``duration`` (default: the lock's).
@@ -245,41 +210,24 @@ class NamedLock:
         :raises LockNotOwnedError: not held now (an expired lock is not revived).
         """
         ms = self._ms if duration is None else _args.duration_ms(duration)
-        held = self._held
-        if held is None:
-            raise self._not_owned("renew")
-        raw = self._ops().renew(
-            {"_id": self.name}, self.owner, held.fence, ms, projection=_RECORD_PROJECTION
-        )
-        if raw is None:
-            raise self._not_owned("renew")
-        self._held = held._replace(until=raw.get(NAMED_FIELDS.until))
-        signals.lock_renewed.send(self, name=self.name, owner=self.owner, fence=held.fence)
+        self._blocking().renew(ms)
 
-    def _keepalive_renew(self) -> bool:
-        held = self._held
-        if held is None:
-            return False
-        try:
-            self.renew()
-        except LockNotOwnedError:
-            log.warning("named lock %r lost (owner %s)", self.name, self.owner)
-            signals.lock_lost.send(self, name=self.name, owner=self.owner, fence=held.fence)
-            return False
-        return True
+    def locked(self) -> bool:
+        """Read the primary: does anyone hold this lock now?"""
+        return self._blocking().look().held
 
-    def _stop_keepalive(self) -> None:
-        keeper = self._keeper
-        if keeper is not None:
-            self._keeper = None
-            keeper.stop()
+    def owned(self) -> bool:
+        """Read the primary: does this instance hold the lock now?"""
+        return self._blocking().owned()
+
+    def remaining(self) -> float:
+        """Seconds this instance may still count on the lock, with no I/O (see
+        :meth:`LockableMixin.lease_remaining`); ``0.0`` when not held."""
+        return self._lease.remaining()
 
     def __enter__(self) -> NamedLock:
         if not self.acquire():
-            holder = self.owner_of(self.name, self.alias, collection=self.collection)
-            raise LockUnavailableError(
-                f"lock {self.name!r} {held_by(holder)}", target=self.name, owner=holder
-            )
+            raise self._lease.unavailable()
         return self
 
     def __exit__(
@@ -294,26 +242,60 @@ class NamedLock:
     def owner_of(
         name: str, alias: str = "default", *, collection: str = DEFAULT_COLLECTION
     ) -> str | None:
-        """Read the database: the owner holding ``name`` now, or ``None``."""
-        name = _args.lock_name(name)
-        coll = get_db(_alias(alias))[_collection_name(collection, "collection")]
-        ops = LeaseOps(coll, NAMED_FIELDS)
-        seen = ops.peek({"_id": name})
-        if seen is None or not seen[HELD]:
-            return None
-        owner: str | None = seen.get(NAMED_FIELDS.owner)
-        return owner
+        """Read the primary: the owner holding ``name`` now, or ``None``."""
+        view = view_of(NamedKind(), _args.lock_name(name), _args.text(alias, "alias"),
+                       _args.collection_name(collection))
+        return view.holder
 
     @staticmethod
     def is_free(
         name: str, alias: str = "default", *, collection: str = DEFAULT_COLLECTION
     ) -> bool:
-        """Read the database: is ``name`` free now?"""
+        """Read the primary: is ``name`` free now?"""
         return NamedLock.owner_of(name, alias, collection=collection) is None
 
 
+# -- @exclusive -----------------------------------------------------------------------
+
+
+def _namer(name: object, func: Callable[..., Any]) -> Callable[..., str]:
+    """How a decorated call's lock name is made: a fixed name, a
+    ``str.format`` template of the function's parameters, or a callable
+    taking the function's arguments."""
+    signature = inspect.signature(func)
+    if callable(name) and not isinstance(name, str):
+        namer = name
+
+        def call_namer(*args: Any, **kwargs: Any) -> str:
+            return _args.lock_name(namer(*args, **kwargs))
+
+        return call_namer
+    template = _args.lock_name(name)
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template)
+                  if field is not None]
+    except ValueError as exc:
+        raise ValueError(f"lock name template {template!r}: {exc}") from None
+    if not fields:
+        return lambda *args, **kwargs: template
+    for field in fields:
+        head = field.split(".", 1)[0].split("[", 1)[0]
+        if head not in signature.parameters:
+            raise ValueError(
+                f"lock name template {template!r}: {{{field}}} names no parameter of "
+                f"{func.__qualname__}{signature}"
+            )
+
+    def render(*args: Any, **kwargs: Any) -> str:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return _args.lock_name(template.format(**bound.arguments))
+
+    return render
+
+
 def exclusive(
-    name: str,
+    name: str | Callable[..., str],
     duration: _args.Duration,
     *,
     wait: _args.Duration | None = 0,
@@ -322,26 +304,51 @@ def exclusive(
     alias: str = "default",
     collection: str = DEFAULT_COLLECTION,
 ) -> Callable[[F], F]:
-    """Run the decorated function only while holding the named lock ``name``;
-    when another holder has it, skip the call (logged) and return ``None``::
+    """Run the decorated function only while holding a named lock; when another
+    holder has it, skip the call (logged, ``lock_unavailable`` sent) and return
+    ``None``::
 
         @exclusive("nightly-report", 600, min_hold=30)
         def nightly_report(): ...
 
-    Scheduled on many hosts, each tick runs once. Arguments as for
-    :class:`NamedLock`; they are checked when decorating.
+        @exclusive("report:{day}", 600)       # one lock per day
+        def report(day): ...
+
+        @exclusive(lambda user, **_: f"sync:{user.id}", 60)
+        def sync(user, full=False): ...
+
+    Scheduled on many hosts, each tick runs once. ``name`` is a lock name, a
+    ``str.format`` template whose fields name the function's parameters
+    (``"{day.year}"`` uses ``day``), or a callable taking the function's
+    arguments and returning the name. Other arguments as for
+    :class:`NamedLock`; they are all checked when decorating.
+
+    :raises TypeError: on a coroutine function (use
+        :func:`mongoengine_lockable.aio.exclusive`), or bad arguments.
+    :raises ValueError: a template field that names no parameter, or bad
+        arguments.
     """
     # Validate now, so a typo fails at import rather than at the first tick.
-    NamedLock(name, duration, wait=wait, min_hold=min_hold, keepalive=keepalive,
+    probe = name if isinstance(name, str) and "{" not in name else "probe"
+    NamedLock(probe, duration, wait=wait, min_hold=min_hold, keepalive=keepalive,
               alias=alias, collection=collection)
+    if not (isinstance(name, str) or callable(name)):
+        raise TypeError(f"lock name must be a str or a callable, not {type(name).__name__}")
 
     def decorate(func: F) -> F:
+        if inspect.iscoroutinefunction(func):
+            raise TypeError(
+                f"@exclusive cannot hold a lock across the awaits of coroutine function "
+                f"{func.__qualname__}: decorate it with mongoengine_lockable.aio.exclusive"
+            )
+        lock_name = _namer(name, func)
+
         @functools.wraps(func)
         def run_exclusively(*args: Any, **kwargs: Any) -> Any:
-            lock = NamedLock(name, duration, wait=wait, min_hold=min_hold,
+            lock = NamedLock(lock_name(*args, **kwargs), duration, wait=wait, min_hold=min_hold,
                              keepalive=keepalive, alias=alias, collection=collection)
             if not lock.acquire():
-                log.info("skipped %s: lock %r is held elsewhere", func.__qualname__, name)
+                log.info("skipped %s: lock %r is held elsewhere", func.__qualname__, lock.name)
                 return None
             try:
                 return func(*args, **kwargs)

@@ -1,0 +1,335 @@
+"""Executors: run the engine's requests against pymongo or mongomock.
+
+:func:`run` drives a generator of :mod:`mongoengine_lockable._engine` to its
+end, answering each request with one database call. :class:`SyncIO` sends
+them with pymongo: lease changes with write concern ``majority`` unless told
+otherwise, reads that decide lease state from the primary, read-backs with
+read concern ``majority``. :class:`MockIO` runs the same requests on mongomock,
+which has no server clock and is not atomic across threads: there ``$$NOW`` is
+the client's clock, the lease rules are evaluated by
+:mod:`mongoengine_lockable._expr`, and every request holds one process-wide lock.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from typing import Any, Callable, TypeVar
+
+import pymongo
+from pymongo import ReadPreference, ReturnDocument
+from pymongo.client_session import ClientSession
+from pymongo.collection import Collection
+from pymongo.errors import PyMongoError
+from pymongo.read_concern import ReadConcern
+from pymongo.write_concern import WriteConcern
+
+from . import _expr
+from ._engine import Modify, ModifyMany, Pause, Read, ReadMany, Result, Sleep, Steps, Watch
+from ._rules import DOC_KEY, NOW_KEY, RESULT_PROJECTION, Filter
+
+__all__ = [
+    "DEFAULT_WRITE_CONCERN",
+    "MockIO",
+    "SyncIO",
+    "checked_write_concern",
+    "client_now",
+    "executor_for",
+    "is_mongomock",
+    "run",
+]
+
+log = logging.getLogger("mongoengine_lockable.io")
+
+T = TypeVar("T")
+
+#: Longest a change-stream read blocks before the waiter checks its clocks:
+#: the most a waiter can be late for its deadline.
+STREAM_AWAIT_MS = 100
+
+#: Lease changes are acknowledged by a majority unless the caller says otherwise,
+#: so that a failover cannot roll back a grant the caller was told about.
+DEFAULT_WRITE_CONCERN = WriteConcern("majority")
+
+
+def checked_write_concern(write_concern: object, what: str = "write concern") -> WriteConcern:
+    """The write concern of lease changes: ``None`` means ``majority``.
+
+    :raises TypeError: not a :class:`~pymongo.write_concern.WriteConcern`.
+    :raises ValueError: unacknowledged (``w=0``): the caller could not know
+        whether it won a lease.
+    """
+    if write_concern is None:
+        return DEFAULT_WRITE_CONCERN
+    if not isinstance(write_concern, WriteConcern):
+        kind = type(write_concern).__name__
+        raise TypeError(f"{what} must be a pymongo WriteConcern, not {kind}")
+    if not write_concern.acknowledged:
+        raise ValueError(f"{what} must be acknowledged (w=0 cannot tell who won a lease)")
+    return write_concern
+
+
+def is_mongomock(collection: Any) -> bool:
+    """Is this a mongomock collection (no server clock, no atomicity)?"""
+    return type(collection).__module__.partition(".")[0] == "mongomock"
+
+
+def client_now() -> datetime:
+    """The client's UTC time as MongoDB stores it: naive, millisecond precision."""
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def _result(raw: Mapping[str, Any] | None) -> Result:
+    if raw is None:
+        return Result(None, None)
+    return Result(raw[DOC_KEY], raw[NOW_KEY])
+
+
+class ChangeStreamWaker:
+    """Blocks on a change stream until an event, a timeout, or its failure
+    (after which the waiter polls: :meth:`pause` returns ``None`` at once)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def pause(self, timeout: float) -> dict[str, Any] | None:
+        if self.broken:
+            time.sleep(min(timeout, 0.05))
+            return None
+        end = time.monotonic() + timeout
+        try:
+            while True:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                if left * 1000 < STREAM_AWAIT_MS:
+                    # A blocking read could overshoot the deadline: nap instead;
+                    # an event meanwhile is read at the next pause.
+                    time.sleep(left)
+                    return None
+                event: dict[str, Any] | None = self._stream.try_next()
+                if event is not None:
+                    return event
+        except PyMongoError as exc:
+            log.warning("change stream failed (%s); polling for the rest of this wait", exc)
+            self.close()
+            self.broken = True
+            return None
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        except PyMongoError:  # pragma: no cover - closing a dead cursor
+            pass
+
+
+class SyncIO:
+    """Answers the engine's requests with pymongo.
+
+    :param collection: the collection of the lease records.
+    :param write_concern: of lease changes (default ``majority``).
+    """
+
+    def __init__(
+        self, collection: Collection[Any], write_concern: WriteConcern | None = None
+    ) -> None:
+        self.source = collection
+        self.collection: Collection[Any] = collection.with_options(
+            write_concern=checked_write_concern(write_concern),
+            read_preference=ReadPreference.PRIMARY,
+        )
+        self._majority = self.collection.with_options(read_concern=ReadConcern("majority"))
+
+    def session(self) -> ClientSession | None:
+        """A session whose operation time a waiter's change stream starts at."""
+        return self.collection.database.client.start_session(causal_consistency=False)
+
+    def localize(self, flt: Filter) -> Filter:
+        """``flt`` as a queryset of the caller's may run it (unchanged: the
+        server evaluates ``$$NOW``)."""
+        return flt
+
+    def do(self, request: Any, session: Any, wakers: list[Any]) -> Any:
+        if isinstance(request, Modify):
+            options: dict[str, Any] = {}
+            if request.hint is not None:
+                options["hint"] = request.hint
+            if request.collation is not None:
+                options["collation"] = request.collation
+            bounded = nullcontext() if request.timeout is None else pymongo.timeout(
+                request.timeout)
+            with bounded:
+                raw = self.collection.find_one_and_update(
+                    request.filter, request.update, projection=RESULT_PROJECTION,
+                    sort=request.sort, upsert=request.upsert,
+                    return_document=ReturnDocument.AFTER, session=session, **options,
+                )
+            return _result(raw)
+        if isinstance(request, ModifyMany):
+            return self.collection.update_many(request.filter, request.update,
+                                               session=session).modified_count
+        if isinstance(request, Read):
+            source = self._majority if request.majority else self.collection
+            return _result(source.find_one(request.filter, RESULT_PROJECTION, sort=request.sort,
+                                           session=session))
+        if isinstance(request, ReadMany):
+            source = self._majority if request.majority else self.collection
+            docs = list(source.find(**_find_options(request), session=session))
+            return [_result(d) for d in docs] if request.with_now else docs
+        if isinstance(request, Watch):
+            try:
+                stream = self.collection.watch(
+                    [{"$match": request.match}],
+                    full_document="updateLookup",
+                    max_await_time_ms=STREAM_AWAIT_MS,
+                    start_at_operation_time=None if session is None else session.operation_time,
+                    session=session,
+                )
+            except PyMongoError as exc:
+                # A standalone server has no change streams.
+                log.debug("no change stream on %s (%s): polling", self.collection.full_name, exc)
+                return None
+            waker = ChangeStreamWaker(stream)
+            wakers.append(waker)
+            return waker
+        if isinstance(request, Pause):
+            return request.waker.pause(request.seconds)
+        if isinstance(request, Sleep):
+            time.sleep(request.seconds)
+            return None
+        raise TypeError(f"unknown request {request!r}")  # pragma: no cover
+
+
+def _find_options(request: ReadMany) -> dict[str, Any]:
+    options: dict[str, Any] = {"filter": request.filter, "skip": request.skip,
+                               "limit": request.limit}
+    if request.with_now:
+        options["projection"] = RESULT_PROJECTION
+    elif request.projection is not None:
+        options["projection"] = dict(request.projection)
+    if request.sort:
+        options["sort"] = request.sort
+    if request.hint is not None:
+        options["hint"] = request.hint
+    if request.collation is not None:
+        options["collation"] = request.collation
+    return options
+
+
+# mongomock's updates are not atomic across threads: every request takes this.
+_MOCK_GUARD = threading.RLock()
+
+
+class MockIO(SyncIO):
+    """Answers the engine's requests on mongomock, with the client's clock as
+    ``$$NOW`` and the rules evaluated by :mod:`mongoengine_lockable._expr`."""
+
+    def session(self) -> None:
+        return None
+
+    def localize(self, flt: Filter) -> Filter:
+        """``flt`` with ``$$NOW`` comparisons on the client's clock, as plain
+        query operators mongomock evaluates (see :func:`_expr.localize`)."""
+        localized: Filter = _expr.localize(flt, client_now())
+        return localized
+
+    def _matches(
+        self, flt: Mapping[str, Any], sort: Any, now: datetime
+    ) -> Iterator[dict[str, Any]]:
+        plain, exprs = _expr.split_expr(flt)
+        for doc in self.collection.find(plain, sort=sort):
+            if all(_expr.truthy(_expr.evaluate(e, doc, now)) for e in exprs):
+                yield doc
+
+    def _write(
+        self, doc: dict[str, Any], update: Any, now: datetime, upsert: bool
+    ) -> dict[str, Any]:
+        if isinstance(update, list):
+            new = _expr.apply_pipeline(doc, update, now)
+            self.collection.replace_one({"_id": new["_id"]}, new, upsert=upsert)
+            return new
+        found: dict[str, Any] | None = self.collection.find_one_and_update(
+            {"_id": doc["_id"]}, update, return_document=ReturnDocument.AFTER
+        )
+        assert found is not None  # under the guard: nobody deleted it meanwhile
+        return found
+
+    def do(self, request: Any, session: Any, wakers: list[Any]) -> Any:
+        if isinstance(request, (Watch, Pause, Sleep)):
+            if isinstance(request, Watch):
+                return None  # no change streams: the waiter polls
+            return super().do(request, session, wakers)
+        with _MOCK_GUARD:
+            now = client_now()
+            if isinstance(request, Modify):
+                doc = next(self._matches(request.filter, request.sort, now), None)
+                if doc is None:
+                    if not request.upsert:
+                        return Result(None, None)
+                    doc = {k: v for k, v in request.filter.items() if not k.startswith("$")}
+                new = self._write(doc, request.update, now, request.upsert)
+                return Result(copy.deepcopy(new), now)
+            if isinstance(request, ModifyMany):
+                targets = list(self._matches(request.filter, None, now))
+                for doc in targets:
+                    self._write(doc, request.update, now, False)
+                return len(targets)
+            if isinstance(request, Read):
+                doc = next(self._matches(request.filter, request.sort, now), None)
+                return Result(doc, None if doc is None else now)
+            if isinstance(request, ReadMany):
+                docs = list(self._matches(request.filter, request.sort, now))
+                docs = docs[request.skip:]
+                if request.limit:
+                    docs = docs[: request.limit]
+                if request.with_now:
+                    return [Result(d, now) for d in docs]
+                if request.projection is not None:
+                    docs = [_expr.project(d, request.projection, now) for d in docs]
+                return docs
+        raise TypeError(f"unknown request {request!r}")  # pragma: no cover
+
+
+def executor_for(collection: Any, write_concern: WriteConcern | None = None) -> SyncIO:
+    """The executor of ``collection``: :class:`MockIO` on mongomock."""
+    if is_mongomock(collection):
+        return MockIO(collection, write_concern)
+    return SyncIO(collection, write_concern)
+
+
+def run(steps: Steps[T], io: SyncIO, *, track: bool = False) -> T:
+    """Drive ``steps`` to its end with ``io``, answering each request; an error
+    is thrown into the generator, which may handle it.
+
+    :param track: run in a session, so that a change stream a waiter opens
+        starts right after the run's last write (no grant is missed).
+    """
+    session = io.session() if track else None
+    wakers: list[Any] = []
+    try:
+        request = next(steps)
+        while True:
+            try:
+                answer = io.do(request, session, wakers)
+            except BaseException as exc:
+                request = steps.throw(exc)
+            else:
+                request = steps.send(answer)
+    except StopIteration as stop:
+        value: T = stop.value
+        return value
+    finally:
+        for waker in wakers:
+            waker.close()
+        if session is not None:
+            session.end_session()
+
+
+Blocking = Callable[[Steps[T]], T]

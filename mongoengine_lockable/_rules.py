@@ -1,0 +1,601 @@
+"""The lease rules: pure functions that build the filters and updates of every
+lease change, one small strategy object per kind of lease.
+
+Nothing here talks to a database. A rule is data: a filter, an update pipeline
+and whether to upsert (a :class:`Command`), sent as one ``findAndModify`` by an
+executor (:mod:`mongoengine_lockable._io` for pymongo and mongomock,
+:mod:`mongoengine_lockable.aio` for asyncio). The server decides with its own
+clock, ``$$NOW``; mongomock evaluates the same expressions with
+:mod:`mongoengine_lockable._expr`.
+
+A lease record holds, besides the caller's own fields:
+
+``until``
+    when the current lease ends; free once it is not after ``$$NOW``.
+``owner``
+    the holder's name.
+``fence``
+    the fencing token of the current or last grant; it only grows.
+``token``
+    the ticket of the attempt that holds the lease (unique per grant); removed
+    by a release. A waiter learns that it was granted the lease by seeing its
+    own ticket here.
+``stamp``
+    the id of the last write that changed who holds the lease (a grant, a
+    release, a hand-off) or that a holder made under its lease: what an
+    ambiguous outcome is resolved by.
+``waiters``
+    the queue of callers waiting for the lease, oldest first:
+    ``{t: ticket, o: owner, ms: duration, a: alive until, x: extra fields}``.
+    A waiter refreshes ``a`` while it waits; one not heard from for
+    :data:`WAITER_TTL_MS` is skipped.
+
+Every write that changes the queue or frees the lease *settles* it: if the
+lease is free, it goes to the oldest live waiter in that same write. A caller
+that does not wait takes a free lease only when nobody is queued for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal, Union
+
+from ._expr import naive_utc
+
+__all__ = [
+    "DOC_KEY",
+    "NOW_KEY",
+    "RESULT_PROJECTION",
+    "WAITER_TTL_MS",
+    "Ask",
+    "Command",
+    "DocumentKind",
+    "Holding",
+    "Kind",
+    "Layout",
+    "NamedKind",
+    "View",
+    "combine",
+]
+
+Filter = dict[str, Any]
+Pipeline = list[dict[str, Any]]
+Update = Union[dict[str, Any], Pipeline]
+
+NOW = "$$NOW"
+REMOVE = "$$REMOVE"
+#: Scratch field of an update pipeline; its last stage removes it.
+TMP = "_lockable"
+_T = "$" + TMP
+#: Keys of the projection every lease write returns: the server's ``$$NOW`` and
+#: the whole record as stored after the write.
+NOW_KEY = "_lockable_now"
+DOC_KEY = "_lockable_doc"
+RESULT_PROJECTION: dict[str, Any] = {NOW_KEY: NOW, DOC_KEY: "$$ROOT"}
+
+#: A queued waiter not heard from for this long is skipped (and dropped).
+WAITER_TTL_MS = 1500
+#: How often a waiter refreshes its place in the queue (well inside the TTL).
+REFRESH_SECONDS = 0.5
+#: Larger than any queue: ``$slice`` needs a count.
+_ALL = 2**31 - 1
+
+
+def combine(*parts: Mapping[str, Any]) -> Filter:
+    """AND filters together, flat when their keys do not collide."""
+    merged: Filter = {}
+    for part in parts:
+        if merged.keys() & part.keys():
+            return {"$and": [dict(p) for p in parts if p]}
+        merged.update(part)
+    return merged
+
+
+# -- expression helpers -------------------------------------------------------------
+
+
+def _f(name: str) -> str:
+    return "$" + name
+
+
+def _lit(value: Any) -> dict[str, Any]:
+    # $literal: a string starting with "$" is data, not a field path.
+    return {"$literal": value}
+
+
+def _cond(test: Any, then: Any, otherwise: Any) -> dict[str, Any]:
+    return {"$cond": [test, then, otherwise]}
+
+
+def _held(until: str) -> dict[str, Any]:
+    """Expression: an unexpired lease is held now (a null or missing date sorts
+    below every date, so it is never held)."""
+    return {"$gt": [_f(until), NOW]}
+
+
+def _free(until: str) -> dict[str, Any]:
+    """Expression: the lease is free now. On ``until`` this is the index range
+    ``[MinKey, $$NOW]``: the planner uses the ``locked_until`` index for it."""
+    return {"$lte": [_f(until), NOW]}
+
+
+def _live(queue: Any) -> dict[str, Any]:
+    """Expression: the waiters of ``queue`` (an expression) still alive now."""
+    return {"$filter": {"input": {"$ifNull": [queue, []]}, "as": "w",
+                        "cond": {"$gt": ["$$w.a", NOW]}}}
+
+
+def _without(queue: Any, ticket: str) -> dict[str, Any]:
+    return {"$filter": {"input": queue, "as": "w", "cond": {"$ne": ["$$w.t", _lit(ticket)]}}}
+
+
+def _nobody_waits(waiters: str) -> dict[str, Any]:
+    return {"$eq": [{"$size": _live(_f(waiters))}, 0]}
+
+
+def _with_entry(queue: Any, ticket: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Expression: ``queue`` with this waiter's entry refreshed in its place,
+    or appended at the end."""
+    return _cond(
+        {"$in": [_lit(ticket), {"$map": {"input": queue, "as": "w", "in": "$$w.t"}}]},
+        {"$map": {"input": queue, "as": "w",
+                  "in": _cond({"$eq": ["$$w.t", _lit(ticket)]}, entry, "$$w")}},
+        {"$concatArrays": [queue, [entry]]},
+    )
+
+
+def _ms_between(later: datetime, earlier: datetime) -> float:
+    return (naive_utc(later) - naive_utc(earlier)) / timedelta(seconds=1)
+
+
+# -- requests and answers ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """One conditional write: ``filter`` (ANDed with the record's match),
+    ``update`` (a pipeline, or an operator update) and whether to create the
+    record when it is missing."""
+
+    filter: Filter
+    update: Update
+    upsert: bool = False
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One attempt to acquire: who, its ticket (unique to this attempt or this
+    wait) and the lease's duration in milliseconds. ``extra`` are literal
+    fields stored with the grant (a named lock's ``host`` and ``pid``)."""
+
+    owner: str
+    ticket: str
+    ms: int
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Holding:
+    """Whose lease a release or renewal acts on: the acquisition with
+    ``ticket``, or (``ticket=None``) any acquisition of ``owner``."""
+
+    owner: str
+    ticket: str | None = None
+
+
+@dataclass(frozen=True)
+class View:
+    """A lease record as one caller sees it at the server time ``now``.
+
+    :ivar exists: the record exists.
+    :ivar mine: the caller's ticket holds an unexpired lease.
+    :ivar held: someone holds an unexpired lease.
+    :ivar holder: the owner holding it (``None`` when free, or unknown).
+    :ivar fence: the fence of the caller's grant, when ``mine``.
+    :ivar until: the end of the caller's lease when ``mine``, else of the holder's.
+    :ivar head: the caller is first among the live waiters.
+    :ivar queued: live waiters, the caller included if queued.
+    :ivar time_left: seconds until the current lease ends by the server's
+        clock (0 when free).
+    :ivar foreign: the record belongs to another kind of lock (its name).
+    """
+
+    exists: bool
+    now: datetime | None = None
+    mine: bool = False
+    held: bool = False
+    holder: str | None = None
+    fence: int | None = None
+    until: datetime | None = None
+    head: bool = False
+    queued: int = 0
+    time_left: float = 0.0
+    foreign: str | None = None
+
+
+Mode = Literal["try", "force", "queue"]
+
+
+# -- where a lease lives ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The field names of a single-holder lease in its record."""
+
+    until: str
+    owner: str
+    fence: str
+    token: str
+    stamp: str
+    waiters: str
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (self.until, self.owner, self.fence, self.token, self.stamp, self.waiters)
+
+
+DOCUMENT_LAYOUT = Layout(
+    "locked_until", "locked_by", "lock_fence", "lock_token", "lock_stamp", "lock_waiters"
+)
+NAMED_LAYOUT = Layout("locked_until", "owner", "fence", "token", "stamp", "waiters")
+
+
+class Kind:
+    """A kind of lease: how its record is read and changed.
+
+    Subclasses say what differs between kinds (the fence rule, how a release
+    leaves the record, a minimum hold, fields stored with a grant); the queue,
+    the settling of a freed lease and the identity checks are written here once.
+    """
+
+    #: Name of the kind, as stored in records that can hold several kinds.
+    name = "lease"
+    layout: Layout
+    #: Whether a write may create the record (named records) or needs it.
+    upsert = False
+
+    # -- what subclasses decide ---------------------------------------------------
+
+    def _next_fence(self) -> Any:
+        """Expression: the fence of the next grant."""
+        return {"$add": [{"$ifNull": [_f(self.layout.fence), 0]}, 1]}
+
+    def _grant_extra(self, source: Mapping[str, Any]) -> dict[str, Any]:
+        """Fields (expressions) set with every grant besides the lease's own;
+        ``source["x"]`` is the grant's extra fields."""
+        return {}
+
+    def _released(self) -> dict[str, Any]:
+        """Fields (expressions) of a lease ended by its holder, when it does not
+        pass to a waiter."""
+        return {self.layout.until: None, self.layout.token: REMOVE}
+
+    def _release_due(self) -> Any:
+        """Expression: a release may free the lease now (see minimum hold)."""
+        return True
+
+    def _kind_ok(self) -> Any:
+        """Expression: the record belongs to this kind of lock."""
+        return True
+
+    # -- conditions -----------------------------------------------------------------
+
+    def free(self) -> Filter:
+        """Filter: the lease is free now (never taken, released or expired)."""
+        return {"$expr": _free(self.layout.until)}
+
+    def held(self) -> Filter:
+        """Filter: an unexpired lease is held now."""
+        return {"$expr": _held(self.layout.until)}
+
+    def claimable(self) -> Filter:
+        """Filter: a caller that does not wait may take the lease now: it is free
+        and nobody is queued for it."""
+        return combine(self.free(), {"$expr": _nobody_waits(self.layout.waiters)})
+
+    def held_by(self, owner: str) -> Filter:
+        """Filter: ``owner`` holds an unexpired lease."""
+        return self.holds(Holding(owner))
+
+    def expired(self) -> Filter:
+        """Filter: a lease was set, its time has passed, and it was not released."""
+        return combine({self.layout.until: {"$ne": None}}, self.free())
+
+    def exhausted(self, attempts: int) -> Filter:
+        """Filter: the lease was granted ``attempts`` times or more."""
+        return {self.layout.fence: {"$gte": attempts}}
+
+    def attempts_below(self, attempts: int) -> Filter:
+        """Filter: the lease was granted fewer than ``attempts`` times (never
+        locked counts as 0)."""
+        return {self.layout.fence: {"$not": {"$gte": attempts}}}
+
+    def claim_events(self) -> Filter:
+        """Change-stream filter: writes that can make a document claimable: an
+        insert, a release (``until`` set to null), an update of other fields
+        (which may move it into a queryset's filter)."""
+        until, token = self.layout.until, self.layout.token
+        return {"$or": [
+            {"operationType": "insert"},
+            {"operationType": "update",
+             "updateDescription.updatedFields." + until: {"$not": {"$type": "date"}}},
+            {"operationType": "replace", "fullDocument." + token: {"$exists": False}},
+        ]}
+
+    def identity(self, holding: Holding) -> Filter:
+        """Filter: the lease was granted to this acquisition (expired or not)."""
+        if holding.ticket is not None:
+            return {self.layout.token: holding.ticket}
+        return {self.layout.owner: holding.owner}
+
+    def holds(self, holding: Holding) -> Filter:
+        """Filter: the caller holds an unexpired lease."""
+        return combine(self.identity(holding), self.held())
+
+    def granted(self, ticket: str) -> Filter:
+        """Filter (read back): the grant with ``ticket`` holds the lease."""
+        return combine({self.layout.token: ticket}, self.held())
+
+    def stamped(self, stamp: str) -> Filter:
+        """Filter (read back): the write with ``stamp`` was the last one."""
+        return {self.layout.stamp: stamp}
+
+    def granted_event(self, ticket: str) -> Filter:
+        """Change-stream filter: a write granted the lease to ``ticket`` (or the
+        record was deleted, after which the waiter must look again)."""
+        token = self.layout.token
+        return {"$or": [
+            {"operationType": "update", "updateDescription.updatedFields." + token: ticket},
+            # The server may log a small document's pipeline update as a replacement.
+            {"operationType": "replace", "fullDocument." + token: ticket},
+            {"operationType": "delete"},
+        ]}
+
+    # -- writes ---------------------------------------------------------------------
+
+    def _grant_fields(self, source: Mapping[str, Any]) -> dict[str, Any]:
+        """Fields (expressions) of a grant to ``source``: expressions for its
+        owner ``o``, ticket ``t``, duration ``ms`` and extra fields ``x``."""
+        lay = self.layout
+        return {
+            lay.until: {"$add": [NOW, source["ms"]]},
+            lay.owner: source["o"],
+            lay.fence: self._next_fence(),
+            lay.token: source["t"],
+            **self._grant_extra(source),
+        }
+
+    def _direct(self, ask: Ask) -> dict[str, Any]:
+        return {"o": _lit(ask.owner), "t": _lit(ask.ticket), "ms": ask.ms,
+                "x": {k: _lit(v) for k, v in ask.extra.items()}}
+
+    def _entry(self, ask: Ask) -> dict[str, Any]:
+        entry: dict[str, Any] = {"t": _lit(ask.ticket), "o": _lit(ask.owner), "ms": ask.ms,
+                                 "a": {"$add": [NOW, WAITER_TTL_MS]}}
+        if ask.extra:
+            entry["x"] = {k: _lit(v) for k, v in ask.extra.items()}
+        return entry
+
+    def acquire(self, ask: Ask, mode: Mode) -> Command:
+        """Take the lease for ``ask``, on the record (one ``findAndModify``).
+
+        ``try``: granted if the lease is free and nobody is queued; otherwise
+        nothing is written. ``force``: granted even while held (the fence still
+        grows); the queue is kept. ``queue`` (a waiting caller): the caller's
+        place in the queue is taken or refreshed, then the lease is settled: a
+        free lease goes to the first live waiter, the caller if it is first.
+
+        Filter: none (the record's match). Update: the decision is made in
+        the pipeline, so that it works with an upsert (MongoDB rejects
+        ``$expr`` in an upsert's filter), and a refusal leaves the record as it
+        was.
+        """
+        lay = self.layout
+        if mode == "queue":
+            mine = {"$and": [{"$eq": [_f(lay.token), _lit(ask.ticket)]}, _held(lay.until)]}
+            base = _live(_f(lay.waiters))
+            queue = _cond(mine, base, _with_entry(base, ask.ticket, self._entry(ask)))
+            return Command({}, self._settle(queue, free=_free(lay.until)), self.upsert)
+        if mode == "force":
+            win: Any = self._kind_ok()
+        else:
+            win = {"$and": [self._kind_ok(), _free(lay.until), _nobody_waits(lay.waiters)]}
+        grant = {**self._grant_fields(self._direct(ask)), lay.stamp: _lit(ask.ticket)}
+        stages: Pipeline = [
+            {"$set": {TMP: win}},
+            {"$set": {k: _cond(_T, v, _f(k)) for k, v in grant.items()}},
+            {"$unset": TMP},
+        ]
+        return Command({}, stages, self.upsert)
+
+    def _settle(
+        self,
+        queue: Any,
+        *,
+        free: Any,
+        otherwise: Mapping[str, Any] | None = None,
+        always: Mapping[str, Any] | None = None,
+    ) -> Pipeline:
+        """The pipeline of a write that changes the queue or ends a lease.
+
+        ``queue`` is the new queue of live waiters (an expression on the record
+        before the write); if the lease is ``free`` (an expression) and someone
+        is queued, the first waiter gets the lease, with its own duration and
+        the next fence, and leaves the queue. Otherwise the fields in
+        ``otherwise`` are set (a release's). ``always`` are set in both cases.
+        An empty queue is removed.
+        """
+        lay = self.layout
+        head = {key: f"{_T}.head.{key}" for key in ("o", "t", "ms", "x")}
+        grant = {**self._grant_fields(head), lay.stamp: f"{_T}.head.t"}
+        changed = {k: _cond(f"{_T}.grant", v, (otherwise or {}).get(k, _f(k)))
+                   for k, v in grant.items()}
+        for key, value in (otherwise or {}).items():
+            changed.setdefault(key, _cond(f"{_T}.grant", _f(key), value))
+        changed.update(always or {})
+        changed[lay.waiters] = _cond(f"{_T}.grant",
+                                     {"$slice": [f"{_T}.q", 1, _ALL]}, f"{_T}.q")
+        return [
+            {"$set": {TMP: {"q": queue, "free": {"$and": [free, self._kind_ok()]}}}},
+            {"$set": {TMP + ".head": {"$arrayElemAt": [f"{_T}.q", 0]},
+                      TMP + ".grant": {"$and": [f"{_T}.free",
+                                                {"$gt": [{"$size": f"{_T}.q"}, 0]}]}}},
+            {"$set": changed},
+            {"$set": {lay.waiters: _cond({"$eq": [{"$size": _f(lay.waiters)}, 0]},
+                                         REMOVE, _f(lay.waiters))}},
+            {"$unset": TMP},
+        ]
+
+    def release(self, holding: Holding, stamp: str) -> Command:
+        """End the caller's unexpired lease now; the first live waiter gets it
+        in the same write.
+
+        Filter: the caller holds an unexpired lease. Update: the lease passes
+        to the first live waiter (with the waiter's duration, the next fence
+        and the waiter's ticket), or is left released; ``stamp`` marks the write.
+        """
+        return Command(self.holds(holding), self._end(stamp))
+
+    def _end(self, stamp: str) -> Pipeline:
+        return self._settle(_live(_f(self.layout.waiters)), free=self._release_due(),
+                            otherwise=self._released(),
+                            always={self.layout.stamp: _lit(stamp)})
+
+    def clear_expired(self, holding: Holding, stamp: str) -> Command | None:
+        """Filter: the caller's lease is recorded but expired, and nobody took it
+        since. Update: as :meth:`release`. ``None`` for kinds whose expired
+        record needs no clearing."""
+        return None
+
+    def force_release(self, stamp: str) -> Command:
+        """End whatever lease is held (an operator's last resort), passing it to
+        the first live waiter. Filter: none. Update: as :meth:`release`."""
+        return Command({}, self._end(stamp))
+
+    def renew(self, holding: Holding, ms: int) -> Command:
+        """Extend the caller's unexpired lease to now + ``ms``.
+
+        Filter: the caller holds an unexpired lease (an expired one is not
+        revived). Update: ``until = $$NOW + ms``; the fence is kept.
+        """
+        return Command(self.holds(holding),
+                       [{"$set": {self.layout.until: {"$add": [NOW, ms]}}}])
+
+    def leave(self, ticket: str) -> Command:
+        """A waiter gives up: it leaves the queue (the lease is settled, so a
+        free lease goes to the next waiter). Filter: none. Update: the queue
+        without ``ticket``."""
+        queue = _without(_live(_f(self.layout.waiters)), ticket)
+        return Command({}, self._settle(queue, free=_free(self.layout.until)))
+
+    # -- reading ----------------------------------------------------------------------
+
+    def view(self, doc: Mapping[str, Any] | None, now: datetime | None,
+             ticket: str | None = None) -> View:
+        """How the caller with ``ticket`` sees the record ``doc`` at the server
+        time ``now``."""
+        if doc is None:
+            return View(exists=False, now=now)
+        lay = self.layout
+        foreign = self._foreign(doc)
+        until = doc.get(lay.until)
+        until = naive_utc(until) if isinstance(until, datetime) else None
+        held = until is not None and now is not None and until > naive_utc(now)
+        waiters = [w for w in doc.get(lay.waiters) or []
+                   if now is None or naive_utc(w.get("a", now)) > naive_utc(now)]
+        mine = ticket is not None and held and doc.get(lay.token) == ticket
+        fence = doc.get(lay.fence)
+        return View(
+            exists=True,
+            now=now,
+            mine=mine,
+            held=held,
+            holder=doc.get(lay.owner) if held else None,
+            fence=int(fence) if mine and fence is not None else None,
+            until=until,
+            head=bool(waiters) and waiters[0].get("t") == ticket,
+            queued=len(waiters),
+            time_left=max(_ms_between(until, now), 0.0) if held and until and now else 0.0,
+            foreign=foreign,
+        )
+
+    def _foreign(self, doc: Mapping[str, Any]) -> str | None:
+        return None
+
+    def protected(self) -> frozenset[str]:
+        """Fields that only lease operations may change."""
+        return frozenset(self.layout.all)
+
+
+class DocumentKind(Kind):
+    """The lease of a :class:`~mongoengine_lockable.LockableMixin` document.
+
+    The fence grows by exactly one per grant; a release sets ``locked_until``
+    to ``null``; an expired lease of the caller's that nobody took is cleared.
+    """
+
+    name = "document"
+
+    def __init__(self, layout: Layout = DOCUMENT_LAYOUT) -> None:
+        self.layout = layout
+
+    def clear_expired(self, holding: Holding, stamp: str) -> Command | None:
+        lay = self.layout
+        return Command(combine(self.identity(holding), {lay.until: {"$ne": None}}, self.free()),
+                       self._end(stamp))
+
+
+class NamedKind(Kind):
+    """The record of a :class:`~mongoengine_lockable.NamedLock`: one per name,
+    created by the first acquisition (upsert).
+
+    - The fence is ``max(fence + 1, $$NOW in ms)``, so that it keeps growing
+      after the TTL index removed an expired record.
+    - A grant records ``acquired_at`` (server time), ``host`` and ``pid``.
+    - A release leaves an expired date (not ``null``) for the TTL index, or, with
+      a minimum hold, the end of that hold: ``until = max(now, min(until,
+      acquired_at + min_hold))``; the lease passes to a waiter only once the
+      minimum hold is over.
+
+    :param min_hold_ms: the minimum hold of releases sent through this object.
+    """
+
+    name = "lock"
+    upsert = True
+    KIND_FIELD = "kind"
+
+    def __init__(self, min_hold_ms: int = 0, layout: Layout = NAMED_LAYOUT) -> None:
+        self.layout = layout
+        self.min_hold_ms = min_hold_ms
+
+    def _next_fence(self) -> Any:
+        return {"$max": [super()._next_fence(), {"$toLong": NOW}]}
+
+    def _grant_extra(self, source: Mapping[str, Any]) -> dict[str, Any]:
+        extra = source["x"]
+        fields: dict[str, Any] = {"acquired_at": NOW, self.KIND_FIELD: self.name}
+        for key in ("host", "pid"):
+            # A direct grant's literals, or a waiter's stored fields.
+            fields[key] = extra.get(key) if isinstance(extra, Mapping) else f"{extra}.{key}"
+        return fields
+
+    def _hold_end(self) -> Any:
+        return {"$add": [{"$ifNull": ["$acquired_at", NOW]}, self.min_hold_ms]}
+
+    def _released(self) -> dict[str, Any]:
+        until = self.layout.until
+        return {until: {"$max": [NOW, {"$min": [_f(until), self._hold_end()]}]},
+                self.layout.token: REMOVE}
+
+    def _release_due(self) -> Any:
+        return {"$lte": [self._hold_end(), NOW]}
+
+    def _kind_ok(self) -> Any:
+        return {"$eq": [{"$ifNull": ["$" + self.KIND_FIELD, self.name]}, self.name]}
+
+    def _foreign(self, doc: Mapping[str, Any]) -> str | None:
+        kind = doc.get(self.KIND_FIELD, self.name)
+        return None if kind == self.name else str(kind)
