@@ -251,7 +251,10 @@ class Held:
     #: Monotonic time the lease counts from (no later than the grant).
     anchor: float
     until: datetime | None
+    #: Known not to be held any more (a failed renewal, or the local deadline).
     lost: bool = False
+    #: ``lock_lost`` was sent for it.
+    announced: bool = False
 
 
 class Lease:
@@ -394,6 +397,9 @@ class Lease:
                 if not is_ambiguous(exc):
                     raise
                 result = yield from self._read_back(exc, self.kind.granted(ask.ticket))
+                if result.doc is None:
+                    # Not granted; what else the record shows is unknown.
+                    result = Result({}, None)
             view = self._check(self.kind.view(result.doc, result.now, ask.ticket))
             if view.mine:
                 return self.adopt(result, ask, sent, self.clock() - started)
@@ -715,8 +721,9 @@ class Lease:
 
     def _lost(self, held: Held, why: str) -> float | None:
         """Mark the lease lost (once) and announce it; returns ``None`` (stop)."""
-        if self.held is held and not held.lost:
-            held.lost = True
+        held.lost = True
+        if self.held is held and not held.announced:
+            held.announced = True
             log.warning("lease on %s lost (owner %s): %s", self.what, held.owner, why)
             self._send("lock_lost", owner=held.owner, fence=held.fence)
         return None

@@ -16,6 +16,7 @@ import copy
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from datetime import datetime, timezone
@@ -227,6 +228,77 @@ def _find_options(request: ReadMany) -> dict[str, Any]:
 _MOCK_GUARD = threading.RLock()
 
 
+class MockEvents:
+    """Change events of the writes :class:`MockIO` makes, for waiters in this
+    process (mongomock lives in one process, so every client of it is here).
+
+    A waiter's pause ends early when a write it would hear through a change
+    stream is made; other writes (the caller's own inserts, say) are still
+    found by polling, so a pause never lasts longer than the polling cap.
+    """
+
+    #: Events kept for waiters that are between two pauses.
+    KEEP = 10_000
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition(_MOCK_GUARD)
+        self.events: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=self.KEEP)
+        self.seq = 0
+
+    def record(self, namespace: str, old: Mapping[str, Any] | None,
+               new: Mapping[str, Any], now: datetime) -> None:
+        """Record a write (under the guard) and wake the waiters."""
+        if old is None:
+            event: dict[str, Any] = {"operationType": "insert"}
+        else:
+            updated = {k: v for k, v in new.items() if k not in old or old[k] != v}
+            removed = [k for k in old if k not in new]
+            event = {"operationType": "update",
+                     "updateDescription": {"updatedFields": updated, "removedFields": removed}}
+        event.update(documentKey={"_id": new["_id"]}, fullDocument=copy.deepcopy(dict(new)),
+                     wallTime=now)
+        self.seq += 1
+        self.events.append((self.seq, namespace, event))
+        self.changed.notify_all()
+
+
+_MOCK_EVENTS = MockEvents()
+
+
+class MockWaker:
+    """What a waiter blocks on with mongomock: the events of :class:`MockEvents`
+    that its change-stream filter selects, polling at most :data:`MAX_POLL` apart."""
+
+    #: The longest pause: writes made outside this library are seen by polling.
+    MAX_POLL = 0.25
+
+    def __init__(self, namespace: str, match: Mapping[str, Any]) -> None:
+        self.namespace = namespace
+        self.match = dict(match)
+        self.seen = _MOCK_EVENTS.seq
+
+    def pause(self, timeout: float) -> dict[str, Any] | None:
+        from mongomock.filtering import filter_applies
+
+        end = time.monotonic() + min(timeout, self.MAX_POLL)
+        with _MOCK_EVENTS.changed:
+            while True:
+                for seq, namespace, event in _MOCK_EVENTS.events:
+                    if seq > self.seen:
+                        self.seen = seq
+                        if namespace == self.namespace and filter_applies(  # type: ignore[no-untyped-call]
+                            self.match, event
+                        ):
+                            return event
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                _MOCK_EVENTS.changed.wait(left)
+
+    def close(self) -> None:
+        pass
+
+
 class MockIO(SyncIO):
     """Answers the engine's requests on mongomock, with the client's clock as
     ``$$NOW`` and the rules evaluated by :mod:`mongoengine_lockable._expr`."""
@@ -253,18 +325,37 @@ class MockIO(SyncIO):
     ) -> dict[str, Any]:
         if isinstance(update, list):
             new = _expr.apply_pipeline(doc, update, now)
-            self.collection.replace_one({"_id": new["_id"]}, new, upsert=upsert)
-            return new
-        found: dict[str, Any] | None = self.collection.find_one_and_update(
+            # Write only the fields the pipeline changed, as the server does: a
+            # caller's own write to other fields (outside this guard) is kept.
+            changes: dict[str, Any] = {}
+            changed = {k: v for k, v in new.items() if k not in doc or doc[k] != v}
+            if changed:
+                changes["$set"] = changed
+            removed = {k: "" for k in doc if k not in new}
+            if removed:
+                changes["$unset"] = removed
+            if changes or upsert:
+                self.collection.update_one({"_id": new["_id"]}, changes or {"$set": {}},
+                                           upsert=upsert)
+            found: dict[str, Any] | None = self.collection.find_one({"_id": new["_id"]})
+            stored = new if found is None else found
+            if changes:
+                created = upsert and "_id" in doc and len(doc) == 1
+                _MOCK_EVENTS.record(self.collection.full_name, None if created else doc,
+                                    stored, now)
+            return stored
+        after: dict[str, Any] | None = self.collection.find_one_and_update(
             {"_id": doc["_id"]}, update, return_document=ReturnDocument.AFTER
         )
-        assert found is not None  # under the guard: nobody deleted it meanwhile
-        return found
+        assert after is not None  # under the guard: nobody deleted it meanwhile
+        _MOCK_EVENTS.record(self.collection.full_name, doc, after, now)
+        return after
 
     def do(self, request: Any, session: Any, wakers: list[Any]) -> Any:
-        if isinstance(request, (Watch, Pause, Sleep)):
-            if isinstance(request, Watch):
-                return None  # no change streams: the waiter polls
+        if isinstance(request, Watch):
+            with _MOCK_GUARD:
+                return MockWaker(self.collection.full_name, request.match)
+        if isinstance(request, (Pause, Sleep)):
             return super().do(request, session, wakers)
         with _MOCK_GUARD:
             now = client_now()

@@ -34,7 +34,7 @@ class KeepAlive:
         self._lease = weakref.ref(lease)
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, name=f"lockable-keepalive-{id(lease):x}", daemon=True
+            target=self._run, name=f"lockable-keepalive {lease.lease.what}", daemon=True
         )
         self._thread.start()
 

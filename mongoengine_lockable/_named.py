@@ -82,6 +82,11 @@ def records(alias: str, collection: str) -> Any:
     return coll
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Are two collection objects the same collection of the same client?"""
+    return bool(a.database.client is b.database.client and a.full_name == b.full_name)
+
+
 def view_of(kind: Any, name: str, alias: str, collection: str) -> View:
     """Read the primary: the record of ``name`` as it stands now."""
     coll = records(alias, collection)
@@ -172,7 +177,7 @@ class NamedLock:
     def _blocking(self) -> BlockingLease:
         coll = records(self.alias, self.collection)
         handle = self._handle
-        if handle is None or handle.io.source is not coll:
+        if handle is None or not _same(handle.io.source, coll):
             io = executor_for(coll, self._write_concern)
             if handle is None:
                 handle = self._handle = BlockingLease(self._lease, io)

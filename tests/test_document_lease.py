@@ -133,7 +133,6 @@ def test_lock_refreshes_every_field_from_the_database(job):
     Job._get_collection().update_one(
         {"_id": job.pk}, {"$set": {"payload": "changed behind", "tries": 7}}
     )
-    job.status = "unsaved local edit"
     assert job.lock(30) is True
     assert job.payload == "changed behind"
     assert job.tries == 7
@@ -141,11 +140,28 @@ def test_lock_refreshes_every_field_from_the_database(job):
     assert job._get_changed_fields() == []
 
 
+@pytest.mark.parametrize("call", ["lock", "update_if_held"])
+def test_unsaved_changes_are_refused_before_anything_is_sent(job, call):
+    # lock() and update_if_held() load the stored document into the instance:
+    # an unsaved edit would be lost without a word, so they refuse first.
+    if call == "update_if_held":
+        assert job.lock(30) is True
+    before = raw(job)
+    job.status = "unsaved local edit"
+    with pytest.raises(ValueError, match=r"unsaved changes to \['status'\]"):
+        if call == "lock":
+            job.lock(30)
+        else:
+            job.update_if_held(inc__tries=1)
+    assert raw(job) == before
+    assert job.status == "unsaved local edit"
+
+
 def test_failed_lock_leaves_the_instance_alone(job):
     assert fresh(job).lock(30, owner="holder") is True
-    job.payload = "local"
+    Job._get_collection().update_one({"_id": job.pk}, {"$set": {"payload": "changed behind"}})
     assert job.lock(30) is False
-    assert job.payload == "local"
+    assert job.payload == "p"
     assert job.locked_until is None
 
 
@@ -893,6 +909,19 @@ def test_lock_write_concern_class_works(job):
 # -- signals -------------------------------------------------------------------
 
 
+class _Seconds:
+    """Equal to any non-negative number of seconds."""
+
+    def __eq__(self, other):
+        return isinstance(other, float) and other >= 0
+
+    def __repr__(self):
+        return "<seconds>"
+
+
+ANY_SECONDS = _Seconds()
+
+
 class Received:
     def __init__(self):
         self.calls = []
@@ -909,9 +938,13 @@ def test_signals_fire_with_sender_owner_fence_document(job):
         assert job.lock(30, owner="sig") is True
         job.renew(60)
         job.release()
-    assert acquired.calls == [(Job, {"document": job, "owner": "sig", "fence": 1})]
+    assert acquired.calls == [
+        (Job, {"document": job, "owner": "sig", "fence": 1, "waited": ANY_SECONDS})
+    ]
     assert renewed.calls == [(Job, {"document": job, "owner": "sig", "fence": 1})]
-    assert released.calls == [(Job, {"document": job, "owner": "sig", "fence": 1})]
+    assert released.calls == [
+        (Job, {"document": job, "owner": "sig", "fence": 1, "held_for": ANY_SECONDS})
+    ]
 
 
 def test_signals_not_sent_on_failure(job):
@@ -935,7 +968,7 @@ def test_signal_on_claim_and_subclass_sender():
         claimed = EmailTask.objects.claim(30, owner="claimer")
     assert claimed.pk == email.pk
     assert acquired.calls == [
-        (EmailTask, {"document": claimed, "owner": "claimer", "fence": 1})
+        (EmailTask, {"document": claimed, "owner": "claimer", "fence": 1, "waited": ANY_SECONDS})
     ]
 
 

@@ -33,7 +33,7 @@ PUBLIC_METHODS = {
     "LockableQuerySet": ["unlocked", "locked", "claim"],
 }
 
-SIGNALS = ["lock_acquired", "lock_lost", "lock_released", "lock_renewed"]
+SIGNALS = ["lock_acquired", "lock_lost", "lock_released", "lock_renewed", "lock_unavailable"]
 
 
 def test_all_is_exactly_the_public_names():

@@ -92,7 +92,9 @@ class Holder:
             assert KeepJob.objects.get(pk=self.doc.pk).lock(30, force=True)
         else:
             coll = self.db.database[DEFAULT_COLLECTION]
-            done = coll.update_one({"_id": self.name}, {"$set": {"owner": "intruder"}})
+            done = coll.update_one(
+                {"_id": self.name}, {"$set": {"owner": "intruder", "token": "intruder"}}
+            )
             assert done.matched_count == 1
 
     def holds(self) -> bool:
@@ -194,7 +196,8 @@ def test_loss_fires_lock_lost_and_release_raises(
         assert sender is held.holder
         assert kwargs["name"] == held.name
     # The keepalive thread stopped renewing once the lease was gone.
-    wait_for(lambda: not any(f"{id(held.holder):x}" in t.name for t in keepalive_threads()))
+    what = repr(held.doc.pk) if kind == "document" else repr(held.name)
+    wait_for(lambda: not any(what in t.name for t in keepalive_threads()))
     with pytest.raises(LockNotOwnedError):
         held.holder.release()
     assert len(lost) == 1
