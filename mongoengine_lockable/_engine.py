@@ -247,9 +247,12 @@ class Held:
     owner: str
     ticket: str
     fence: int
+    #: The duration it was acquired with (the default of a renewal).
     ms: int
-    #: Monotonic time the lease counts from (no later than the grant).
+    #: Monotonic time the current term counts from (no later than the grant or
+    #: the renewal), and the term's length in milliseconds.
     anchor: float
+    term: int
     until: datetime | None
     #: Known not to be held any more (a failed renewal, or the local deadline).
     lost: bool = False
@@ -526,6 +529,7 @@ class Lease:
             fence=int(view.fence or 0),
             ms=ask.ms,
             anchor=anchor,
+            term=ask.ms,
             until=view.until,
         )
         self.had_lease = True
@@ -624,7 +628,7 @@ class Lease:
             raise self.not_owned("renew", holding.owner)
         if own is not None:
             view = self.kind.view(result.doc, result.now, own.ticket)
-            own.anchor, own.ms, own.until = sent, ms, view.until
+            own.anchor, own.term, own.until = sent, ms, view.until
         fence = own.fence if own is not None else result.doc.get(self.kind.layout.fence)
         self._stored(result, False)
         self._send("lock_renewed", owner=holding.owner, fence=fence)
@@ -681,7 +685,7 @@ class Lease:
         held = self.held
         if held is None or held.lost:
             return 0.0
-        return max(held.ms / 1000 - (self.clock() - held.anchor), 0.0)
+        return max(held.term / 1000 - (self.clock() - held.anchor), 0.0)
 
     # -- keepalive -------------------------------------------------------------------------
 
@@ -691,7 +695,7 @@ class Lease:
         held = self.held
         if held is None or held.lost:
             return None
-        due = held.anchor + held.ms / 1000 * RENEW_FRACTION - self.clock()
+        due = held.anchor + held.term / 1000 * RENEW_FRACTION - self.clock()
         return min(max(due, 0.0), MAX_KEEPALIVE_SLEEP)
 
     def keep(self) -> Steps[float | None]:
@@ -713,7 +717,7 @@ class Lease:
             except PyMongoError as exc:
                 left = self.remaining()
                 if left > 0:
-                    retry = min(held.ms / 1000 * RETRY_FRACTION, left)
+                    retry = min(held.term / 1000 * RETRY_FRACTION, left)
                     log.warning("renewing %s failed (%s); retrying in %.3f s",
                                 self.what, exc, retry)
                     return retry

@@ -43,7 +43,7 @@ from hypothesis.stateful import (
 )
 from mongoengine import Document, IntField, StringField
 
-import mongoengine_lockable._lease as lease_module
+import mongoengine_lockable._io as lease_module
 from mongoengine_lockable import LockableMixin, LockNotOwnedError, NamedLock
 from mongoengine_lockable._named import DEFAULT_COLLECTION
 
