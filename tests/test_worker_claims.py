@@ -16,6 +16,7 @@ itself and talks to the test in ``WORD {json}`` lines (``tests/_children.py``).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -210,6 +211,8 @@ def test_keepalive_keeps_a_claimed_1s_lease_through_3s_of_work(
             assert doc["locked_by"] == holder["owner"]
             untils.add(doc["locked_until"])
     assert line.startswith("DONE"), line
+    # Its local deadline was extended by each renewal too.
+    assert json.loads(line.partition(" ")[2])["remaining"] > 0, line
     assert worker.join(30) == 0
     doc = stored(task)
     assert doc["status"] == "done"
