@@ -26,7 +26,8 @@ fast batches drain a queue.
 p50 and p99 (latency) and the median over rounds (throughput) are printed,
 with the ratios last.
 
-    python benchmarks/claim_wait.py [--uri URI] [--trials 40] [--drain-docs 2000] [--rounds 3]
+    python benchmarks/claim_wait.py [--uri URI] [--trials 40] [--drain-docs 1000]
+                                    [--rounds 6] [--only latency|drain]
 
 Without ``--uri`` (or ``MONGODB_URI``) a temporary single-node replica set is
 started from the embedded mongod.
@@ -273,8 +274,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--uri", default=os.environ.get("MONGODB_URI"))
     parser.add_argument("--trials", type=int, default=40, help="per mode (at least 30)")
-    parser.add_argument("--drain-docs", type=int, default=2000, help="per drain round")
-    parser.add_argument("--rounds", type=int, default=3, help="drain rounds per mode")
+    parser.add_argument("--drain-docs", type=int, default=1000, help="per drain round")
+    parser.add_argument("--rounds", type=int, default=6, help="drain rounds per mode")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", choices=("latency", "drain"), help="run one part")
     args = parser.parse_args()
