@@ -194,6 +194,7 @@ def test_a_waiting_claim_returns_the_document_another_process_inserts(
     assert got["returned"] - inserted < 3.0, got
 
 
+@pytest.mark.slow
 def test_keepalive_keeps_a_claimed_1s_lease_through_3s_of_work(
     lockable_real_db: Any, spawn: Callable[..., Child]
 ) -> None:
