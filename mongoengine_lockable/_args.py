@@ -12,6 +12,8 @@ Duration = Union[int, float, timedelta]
 # 10**11 seconds (about 3,170 years) keeps every lease far inside that range.
 MAX_SECONDS = 10**11
 MAX_NAME_LENGTH = 1000
+#: Integers are stored as 64-bit: counts compared with stored ones must fit.
+MAX_STORED_INT = 2**63
 
 
 def _seconds(value: object, what: str) -> float:
@@ -133,6 +135,8 @@ def count(value: object, what: str) -> int:
         raise TypeError(f"{what} must be an int, not {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{what} must be at least 1, not {value}")
+    if value >= MAX_STORED_INT:
+        raise ValueError(f"{what} is too large to store: {value} (at most {MAX_STORED_INT - 1})")
     return value
 
 

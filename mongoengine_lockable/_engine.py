@@ -925,21 +925,36 @@ def claim_many(
     return got
 
 
-def release_all(kind: Kind, flt: Filter, owner: str) -> Steps[int]:
-    """End every unexpired lease of ``owner`` among the records matching
-    ``flt`` (each passes to its first live waiter), in one ``update``.
+def release_all(kind: Kind, spec: ClaimSpec, owner: str) -> Steps[int]:
+    """End every unexpired lease of ``owner`` among the records the queryset
+    selects (each passes to its first live waiter): one ``update``, or one per
+    batch of a windowed queryset's ids.
 
     :return: how many were released.
     """
     stamp = new_ticket()
     command = kind.release(Holding(owner), stamp)
-    try:
-        count: int = yield ModifyMany(combine(flt, command.filter), command.update)
-    except PyMongoError as exc:
-        if not is_ambiguous(exc):
-            raise
-        log.warning("outcome of release_all unknown (%s); reading it back", exc)
-        released: list[Result] = yield ReadMany(kind.stamped(stamp), with_now=True,
-                                                majority=True)
-        count = len(released)
-    return count
+
+    def release(flt: Filter) -> Steps[int]:
+        try:
+            count: int = yield ModifyMany(combine(flt, command.filter), command.update)
+        except PyMongoError as exc:
+            if not is_ambiguous(exc):
+                raise
+            log.warning("outcome of release_all unknown (%s); reading it back", exc)
+            released: list[Result] = yield ReadMany(combine(flt, kind.stamped(stamp)),
+                                                    with_now=True, majority=True)
+            count = len(released)
+        return count
+
+    if not spec.windowed:
+        return (yield from release(spec.filter))
+    total, offset = 0, spec.skip
+    while True:
+        ids = yield from _window_batch(spec, offset)
+        if not ids:
+            return total
+        total += yield from release(combine({"_id": {"$in": ids}}, spec.filter))
+        if len(ids) < WINDOW_BATCH:
+            return total
+        offset += len(ids)

@@ -211,7 +211,7 @@ class _LeaseQueries:
         spec = self._claim_spec()
         if spec is None:
             return 0
-        return run(release_all(KIND, spec.filter, owner), self._io())
+        return run(release_all(KIND, spec, owner), self._io())
 
     @staticmethod
     def _attempts(max_attempts: object) -> dict[str, Any]:
