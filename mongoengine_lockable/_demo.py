@@ -4,19 +4,24 @@ Two demonstrations, each run by real worker processes (``spawn``: fresh
 interpreters that connect on their own, as separate hosts would):
 
 **Job queue** (:func:`run_jobs`). ``jobs`` documents of :class:`DemoJob` start
-``pending``. Each worker loops::
+``pending``; a few are *poison*: their work fails every time. Each worker loops::
 
-    job = DemoJob.objects(status="pending").claim(lease)
-    ...                                   # the work: a short sleep
-    job.update_if_held(set__status="done", push__handled_by=worker)
-    job.release()
+    batch = DemoJob.objects(status="pending").order_by("n").claim_many(
+        batch_size, lease, max_attempts=max_attempts)
+    for job in batch:
+        ...                               # the work: a short sleep
+        job.update_if_held(set__status="done", push__handled_by=worker)
+        job.release()                     # a poison job is released undone
 
-and records every handling attempt (job, worker, pid, fence, completed or
-not) in its own collection, so that the parent can prove afterwards that each
-job was completed exactly once. With ``crash_rate`` a worker kills itself with
-``SIGKILL`` in the middle of a job it holds; the parent starts a new worker in
-its place, and the crashed job's lease expires and is taken over (claimed again
-with the next fence).
+and records every handling attempt (job, worker, pid, fence, the lease's end
+by the server's clock, how it ended) in its own collection, so that the parent
+can prove afterwards that each job was completed exactly once. With
+``crash_rate`` a worker kills itself with ``SIGKILL`` while it handles a job:
+right after the claim, mid-work, or after completing the job but before
+releasing it. The parent starts a new worker in its place, and the crashed
+batch's leases expire and are taken over (claimed again with the next fence).
+A poison job is claimed ``max_attempts`` times and then set aside: it stays
+``pending`` and ``DemoJob.objects.exhausted(max_attempts)`` lists it.
 
 **Cron** (:func:`run_cron`). Every worker calls the same
 ``@exclusive("demo-report", ...)`` function once a second, each a little out
@@ -40,13 +45,13 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from multiprocessing.process import BaseProcess
 from typing import Any, Callable
 
 import mongoengine
 from mongoengine import Document
-from mongoengine.fields import IntField, ListField, StringField
+from mongoengine.fields import BooleanField, IntField, ListField, StringField
 
 from ._errors import LockNotOwnedError
 from ._mixin import LockableMixin
@@ -88,9 +93,14 @@ CRON_MAX_OFFSET = 0.1
 #: either way.
 CRON_MIN_HOLD = 0.5
 
-#: How long an idle worker waits before asking for a job again (every pending
+#: How long an idle worker waits before asking for jobs again (every pending
 #: job is held, e.g. by a crashed worker whose lease has not expired yet).
 IDLE_SLEEP = 0.05
+#: Jobs a worker claims at once, and grants after which a job is set aside.
+BATCH = 5
+MAX_ATTEMPTS = 4
+#: Where a worker may crash while it handles a job.
+CRASH_PHASES = ("claimed", "working", "completed")
 #: Seconds a worker process gets to start, connect and say it is ready.
 START_TIMEOUT = 60.0
 #: Exit status of a worker that found its parent gone.
@@ -104,6 +114,8 @@ class DemoJob(LockableMixin, Document):
 
     n = IntField(required=True)
     status = StringField(default="pending", choices=("pending", "done"))
+    #: A job whose work fails every time (set aside after ``MAX_ATTEMPTS``).
+    poison = BooleanField(default=False)
     #: Every worker that completed the job; exactly one when all went well.
     handled_by = ListField(StringField())
 
@@ -175,6 +187,8 @@ class JobWorkerConfig:
     work_s: float
     crash_rate: float
     seed: str
+    batch: int = BATCH
+    max_attempts: int = MAX_ATTEMPTS
 
 
 def job_worker(cfg: JobWorkerConfig) -> None:
@@ -198,19 +212,23 @@ def _job_loop(cfg: JobWorkerConfig) -> int:
     db = connect(cfg.uri, cfg.db)
     handlings = db[HANDLINGS_COLLECTION]
     pid = os.getpid()
+    pending = DemoJob.objects(status="pending")
     while True:
         if os.getppid() != parent:
             return ORPHANED
-        # Oldest first: a crashed worker's job is taken over as soon as its
-        # lease expires, not after all the others.
-        job = DemoJob.objects(status="pending").order_by("n").claim(cfg.lease)
-        if job is None:
-            if DemoJob.objects(status="pending").only("id").first() is None:
-                return 0
-            # Every pending job is held: wait for a lease to end.
+        # Oldest first: a crashed worker's jobs are taken over as soon as their
+        # leases expire, not after all the others.
+        batch = pending.order_by("n").claim_many(cfg.batch, cfg.lease,
+                                                 max_attempts=cfg.max_attempts)
+        if not batch:
+            if pending.count() == pending.exhausted(cfg.max_attempts).count():
+                return 0  # what is left pending has been set aside
+            # Every claimable job is held: wait for a lease to end.
             time.sleep(IDLE_SLEEP)
             continue
-        record = handlings.insert_one(
+        # One record per claimed job, made before any is handled: a crash
+        # leaves a record of every lease it abandons.
+        records = handlings.insert_many([
             {
                 "job": job.pk,
                 "n": job.n,
@@ -219,32 +237,56 @@ def _job_loop(cfg: JobWorkerConfig) -> int:
                 "pid": pid,
                 "owner": job.locked_by,
                 "fence": job.lock_fence,
+                "until": job.locked_until,
+                "lease_ms": round(cfg.lease * 1000),
                 "started_at": _utcnow(),
                 "completed": False,
             }
-        ).inserted_id
-        crash = rng.random() < cfg.crash_rate
-        time.sleep(cfg.work_s / 2)
-        if crash:
-            # Die holding the lease, half-way through the work, as a process
-            # killed by the OOM killer or a power cut would.
+            for job in batch
+        ]).inserted_ids
+        for job, record in zip(batch, records):
+            _handle(job, record, cfg, rng, handlings, pid)
+
+
+def _handle(job: DemoJob, record: Any, cfg: JobWorkerConfig, rng: random.Random,
+            handlings: Any, pid: int) -> None:
+    """Handle one claimed job, recording how it ended; maybe crash doing it."""
+    crash_in = rng.choice(CRASH_PHASES) if rng.random() < cfg.crash_rate else None
+
+    def crash(phase: str) -> None:
+        if crash_in == phase:
+            # Die holding the lease, as a process killed by the OOM killer or a
+            # power cut would.
             os.kill(pid, _SIGKILL)
-        time.sleep(cfg.work_s / 2)
-        try:
-            job.update_if_held(set__status="done", push__handled_by=cfg.worker)
-        except LockNotOwnedError:
-            # The lease ran out before the work was done: another worker may
-            # have the job now. Nothing was written to the job.
-            handlings.update_one({"_id": record}, {"$set": {"outcome": "lease lost"}})
-            continue
-        handlings.update_one(
-            {"_id": record},
-            {"$set": {"completed": True, "outcome": "completed", "finished_at": _utcnow()}},
-        )
-        try:
-            job.release()
-        except LockNotOwnedError:
-            pass  # expired between the update and now: the job is done anyway
+
+    crash("claimed")
+    time.sleep(cfg.work_s / 2)
+    crash("working")
+    time.sleep(cfg.work_s / 2)
+    if job.poison:
+        handlings.update_one({"_id": record}, {"$set": {"outcome": "failed"}})
+        _release(job)
+        return
+    try:
+        job.update_if_held(set__status="done", push__handled_by=cfg.worker)
+    except LockNotOwnedError:
+        # The lease ran out before the work was done: another worker may
+        # have the job now. Nothing was written to the job.
+        handlings.update_one({"_id": record}, {"$set": {"outcome": "lease lost"}})
+        return
+    handlings.update_one(
+        {"_id": record},
+        {"$set": {"completed": True, "outcome": "completed", "finished_at": _utcnow()}},
+    )
+    crash("completed")
+    _release(job)
+
+
+def _release(job: DemoJob) -> None:
+    try:
+        job.release()
+    except LockNotOwnedError:
+        pass  # expired meanwhile: nothing is left to release
 
 
 # -- job queue: parent ----------------------------------------------------------
@@ -259,6 +301,8 @@ class JobsProgress:
     alive: int
     crashes: int
     elapsed: float
+    #: Poison jobs set aside so far.
+    set_aside: int = 0
 
 
 @dataclass(frozen=True)
@@ -285,6 +329,9 @@ class JobsReport:
     work_ms: float
     crash_rate: float
     seed: int
+    poison: int = 0
+    batch: int = BATCH
+    max_attempts: int = MAX_ATTEMPTS
     completed_once: int = 0
     completed_more: int = 0
     never_completed: int = 0
@@ -297,6 +344,8 @@ class JobsReport:
     worker_errors: int = 0
     claims: int = 0
     elapsed: float = 0.0
+    #: Poison jobs set aside after ``max_attempts`` grants (their numbers).
+    set_aside: list[int] = field(default_factory=list)
     examples: list[Takeover] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
 
@@ -307,7 +356,8 @@ class JobsReport:
 
     @property
     def ok(self) -> bool:
-        """Every job completed exactly once, repeats only after crashes."""
+        """Every good job completed exactly once, repeats only after crashes
+        (or failures), every poison job set aside."""
         return not self.violations
 
 
@@ -322,23 +372,31 @@ def run_jobs(
     crash_rate: float,
     seed: int,
     timeout: float,
+    poison: int = 0,
+    batch: int = BATCH,
+    max_attempts: int = MAX_ATTEMPTS,
     on_progress: Callable[[JobsProgress], None] | None = None,
     max_examples: int = 3,
 ) -> JobsReport:
-    """Create ``jobs`` pending jobs in ``db_name`` and let ``workers`` processes
-    handle them, restarting crashed ones; then check the handling records.
+    """Create ``jobs`` pending jobs in ``db_name`` (``poison`` of them failing
+    every time) and let ``workers`` processes handle them in batches of
+    ``batch``, restarting crashed ones; then check the handling records.
 
     :param timeout: seconds after which the run is abandoned (a violation).
     :param on_progress: called about ten times a second while workers run.
-    :return: the report; its ``violations`` are empty when every job was
-        completed exactly once and jobs were started again only after a crash.
+    :return: the report; its ``violations`` are empty when every good job was
+        completed exactly once, jobs were started again only after a crash or
+        a failure, and every poison job was set aside after ``max_attempts``.
     """
     report = JobsReport(jobs=jobs, workers=workers, lease=lease, work_ms=work_ms,
-                        crash_rate=crash_rate, seed=seed)
+                        crash_rate=crash_rate, seed=seed, poison=poison, batch=batch,
+                        max_attempts=max_attempts)
+    poisoned = set(random.Random(seed).sample(range(1, jobs + 1), min(poison, jobs)))
     db = connect(uri, db_name)
     try:
         DemoJob.ensure_indexes()
-        DemoJob.objects.insert([DemoJob(n=n) for n in range(1, jobs + 1)], load_bulk=False)
+        DemoJob.objects.insert([DemoJob(n=n, poison=n in poisoned) for n in range(1, jobs + 1)],
+                               load_bulk=False)
         crashed = _run_job_pool(uri, db_name, report, timeout, on_progress, db)
         _check_jobs(report, db, crashed, max_examples)
     finally:
@@ -363,7 +421,6 @@ def _run_job_pool(
     names: list[str] = [""] * report.workers
     incarnations = [0] * report.workers
     crashed: set[str] = set()
-    jobs_coll = db[JOBS_COLLECTION]
 
     def start(slot: int) -> None:
         incarnations[slot] += 1
@@ -371,7 +428,8 @@ def _run_job_pool(
         cfg = JobWorkerConfig(
             uri=uri, db=db_name, worker=name, slot=slot + 1, lease=report.lease,
             work_s=report.work_ms / 1000, crash_rate=report.crash_rate,
-            seed=f"{report.seed}:{slot}:{incarnations[slot]}",
+            seed=f"{report.seed}:{slot}:{incarnations[slot]}", batch=report.batch,
+            max_attempts=report.max_attempts,
         )
         proc = ctx.Process(target=job_worker, args=(cfg,), name=f"demo-{name}", daemon=True)
         proc.start()
@@ -407,9 +465,10 @@ def _run_job_pool(
                 start(slot)
             alive = sum(proc is not None for proc in slots)
             if on_progress is not None:
-                done = jobs_coll.count_documents({"status": "done"})
+                done = DemoJob.objects(status="done").count()
+                aside = DemoJob.objects(status="pending").exhausted(report.max_attempts).count()
                 on_progress(JobsProgress(done, report.jobs, alive, report.crashes,
-                                         time.monotonic() - started))
+                                         time.monotonic() - started, aside))
             if alive == 0:
                 break
             if time.monotonic() > deadline:
@@ -425,7 +484,18 @@ def _run_job_pool(
 
 
 def _check_jobs(report: JobsReport, db: Any, crashed: set[str], max_examples: int) -> None:
-    """Fill in the counts from the jobs and the handling records."""
+    """Fill in the counts from the jobs and the handling records, and list
+    every violation of the guarantees:
+
+    - a good job was completed exactly once, by its latest lease (the fence of
+      the completion is the job's last fence);
+    - every attempt but a job's last ended in its worker's crash, a lost lease
+      or (poison) a failure; never in a completion;
+    - an attempt that did not release its lease (a crash, a lost lease) was
+      followed by a grant no earlier than that lease's end, by the server's clock;
+    - a poison job was never completed and was granted exactly ``max_attempts``
+      times, then set aside.
+    """
     attempts: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for record in db[HANDLINGS_COLLECTION].find({}, sort=[("started_at", 1), ("fence", 1)]):
         attempts[record["job"]].append(record)
@@ -437,7 +507,9 @@ def _check_jobs(report: JobsReport, db: Any, crashed: set[str], max_examples: in
         completions = [r for r in tries if r.get("completed")]
         handled_by = job.get("handled_by") or []
         report.takeovers += sum(r["fence"] > 1 for r in tries)
-        if job.get("status") != "done" or not completions:
+        if job.get("poison"):
+            _check_poison(report, job, tries, completions)
+        elif job.get("status") != "done" or not completions:
             report.never_completed += 1
             report.violations.append(f"job {n} was never completed")
         elif len(completions) > 1 or len(handled_by) > 1:
@@ -452,37 +524,73 @@ def _check_jobs(report: JobsReport, db: Any, crashed: set[str], max_examples: in
                     f"job {n} was completed with fence {completions[0]['fence']}, "
                     f"not by the latest lease (fence {last})"
                 )
-        if len(tries) <= 1:
-            continue
-        report.started_more += 1
-        # Every attempt before the last must have ended in its worker's crash.
-        unexplained = [r for r in tries[:-1] if r.get("completed") or r["worker"] not in crashed]
-        if unexplained:
-            report.repeats_other += 1
-            why = ", ".join(
-                f"{r['worker']} (fence {r['fence']}) "
-                + ("completed it" if r.get("completed") else r.get("outcome", "stopped"))
-                for r in unexplained
-            )
-            report.violations.append(f"job {n} was started again without a crash: {why}")
-        else:
-            report.repeats_after_crash += 1
-        for before, after in zip(tries, tries[1:]):
-            if before["worker"] in crashed and not before.get("completed"):
-                takeovers.append(
-                    Takeover(
-                        n=n,
-                        crashed_worker=before["worker"],
-                        crashed_pid=before["pid"],
-                        crashed_fence=before["fence"],
-                        worker=after["worker"],
-                        fence=after["fence"],
-                        after=(after["started_at"] - before["started_at"]).total_seconds(),
-                    )
-                )
+        if len(tries) > 1:
+            takeovers.extend(_check_repeats(report, n, tries, crashed))
     report.examples = takeovers[:max_examples]
     if len(attempts) > report.jobs:
         report.violations.append("handling records name jobs that do not exist")
+
+
+def _check_poison(report: JobsReport, job: dict[str, Any], tries: list[dict[str, Any]],
+                  completions: list[dict[str, Any]]) -> None:
+    n = job["n"]
+    if completions or job.get("status") == "done":
+        report.violations.append(f"poison job {n} was completed")
+    elif job.get("lock_fence") != report.max_attempts:
+        report.violations.append(
+            f"poison job {n} was granted {job.get('lock_fence')} times, not "
+            f"max_attempts={report.max_attempts}"
+        )
+    else:
+        report.set_aside.append(n)
+
+
+def _check_repeats(report: JobsReport, n: int, tries: list[dict[str, Any]],
+                   crashed: set[str]) -> list[Takeover]:
+    """Check a job handled more than once; return its take-overs of crashed
+    holders."""
+    report.started_more += 1
+    released = ("failed",)  # attempts that ended by releasing the lease
+    unexplained = [
+        r for r in tries[:-1]
+        if r.get("completed") or not (r["worker"] in crashed or r.get("outcome") in
+                                      ("lease lost", *released))
+    ]
+    if unexplained:
+        report.repeats_other += 1
+        why = ", ".join(
+            f"{r['worker']} (fence {r['fence']}) "
+            + ("completed it" if r.get("completed") else r.get("outcome", "stopped"))
+            for r in unexplained
+        )
+        report.violations.append(f"job {n} was started again without a crash: {why}")
+    elif any(r["worker"] in crashed for r in tries[:-1]):
+        report.repeats_after_crash += 1
+    takeovers = []
+    for before, after in zip(tries, tries[1:]):
+        if before.get("outcome") in released:
+            continue
+        # The lease was not released: it had to end before the next grant.
+        granted = after["until"] - timedelta(milliseconds=after["lease_ms"])
+        if granted < before["until"]:
+            report.violations.append(
+                f"job {n} was granted again (fence {after['fence']}) at {granted:%H:%M:%S.%f}, "
+                f"before the lease of fence {before['fence']} ended at "
+                f"{before['until']:%H:%M:%S.%f} (server clock)"
+            )
+        if before["worker"] in crashed and not before.get("completed"):
+            takeovers.append(
+                Takeover(
+                    n=n,
+                    crashed_worker=before["worker"],
+                    crashed_pid=before["pid"],
+                    crashed_fence=before["fence"],
+                    worker=after["worker"],
+                    fence=after["fence"],
+                    after=(after["started_at"] - before["started_at"]).total_seconds(),
+                )
+            )
+    return takeovers
 
 
 # -- cron -----------------------------------------------------------------------

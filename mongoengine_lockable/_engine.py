@@ -19,9 +19,6 @@ the stamp of the release.
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-import socket
 import time
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
@@ -39,11 +36,20 @@ from pymongo.errors import (
 from . import signals
 from ._errors import LockError, LockNotOwnedError, LockUnavailableError, held_by
 from ._expr import naive_utc
-from ._rules import REFRESH_SECONDS, Ask, Filter, Holding, Kind, Update, View, combine
+from ._rules import (
+    REFRESH_SECONDS,
+    Ask,
+    Filter,
+    Holding,
+    Kind,
+    Update,
+    View,
+    combine,
+    new_ticket,
+)
 from ._waiting import MAX_WAIT_SLICE, backoff
 
 __all__ = [
-    "Ask",
     "ClaimSpec",
     "Lease",
     "Modify",
@@ -55,17 +61,16 @@ __all__ = [
     "Sleep",
     "Steps",
     "Watch",
+    "force_release",
     "is_ambiguous",
     "look",
-    "new_owner",
-    "new_ticket",
+    "record",
+    "records",
 ]
 
 log = logging.getLogger("mongoengine_lockable.lease")
 
 T = TypeVar("T")
-
-_HOST = socket.gethostname()
 
 #: Renew when this fraction of the lease has passed, so that two renewals can
 #: fail (a failover, a slow network) before the lease runs out.
@@ -74,22 +79,6 @@ RENEW_FRACTION = 1 / 3
 RETRY_FRACTION = 1 / 10
 #: Longest a keepalive sleeps in one go (``Event.wait`` overflows on huge values).
 MAX_KEEPALIVE_SLEEP = 3600.0
-
-
-def new_owner() -> str:
-    """A fresh owner token: host, pid and 48 random bits, so that an operator
-    can tell where a lease came from."""
-    return f"{_HOST}:{os.getpid()}:{secrets.token_hex(6)}"
-
-
-def new_ticket() -> str:
-    """A fresh ticket: the identity of one attempt or one write."""
-    return secrets.token_hex(12)
-
-
-def host_and_pid() -> dict[str, Any]:
-    """Where this process runs, stored with a named lock's grant."""
-    return {"host": _HOST, "pid": os.getpid()}
 
 
 def is_ambiguous(exc: BaseException) -> bool:
@@ -731,6 +720,36 @@ class Lease:
             log.warning("lease on %s lost (owner %s): %s", self.what, held.owner, why)
             self._send("lock_lost", owner=held.owner, fence=held.fence)
         return None
+
+
+def records(flt: Filter, sort: list[Any] | None = None, limit: int = 0) -> Steps[list[Result]]:
+    """Read records from the primary, each with the server's time."""
+    found: list[Result] = yield ReadMany(flt, sort, limit=limit, with_now=True)
+    return found
+
+
+def record(match: Filter) -> Steps[Result]:
+    """Read one record from the primary, with the server's time."""
+    found: Result = yield Read(match)
+    return found
+
+
+def force_release(kind: Kind, match: Filter, ticket: str | None) -> Steps[Result]:
+    """End the lease of the record ``match`` names whoever holds it (the grant
+    ``ticket``, when given), passing it to its first live waiter.
+
+    :return: the record after the release; ``doc`` is ``None`` when it was not
+        held (by that grant) any more.
+    """
+    stamp = new_ticket()
+    command = kind.force_release(stamp, ticket)
+    try:
+        result: Result = yield Modify(combine(match, command.filter), command.update)
+    except PyMongoError as exc:
+        if not is_ambiguous(exc):
+            raise
+        result = yield Read(combine(match, kind.stamped(stamp)), majority=True)
+    return result
 
 
 def look(kind: Kind, match: Filter) -> Steps[View]:

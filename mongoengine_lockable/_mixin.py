@@ -13,12 +13,12 @@ from mongoengine.queryset import transform
 from pymongo.write_concern import WriteConcern
 
 from . import _args
-from ._engine import Lease, Result, new_owner
+from ._engine import Lease, Result
 from ._errors import UnsavedDocumentError
 from ._io import DEFAULT_WRITE_CONCERN, SyncIO, checked_write_concern, executor_for
 from ._keepalive import BlockingLease
 from ._queryset import LockableQuerySet
-from ._rules import DOCUMENT_LAYOUT, DocumentKind
+from ._rules import DOCUMENT_LAYOUT, DocumentKind, new_owner
 
 __all__ = ["LockableMixin", "document_lease", "executor_of"]
 

@@ -32,10 +32,10 @@ from pymongo.errors import OperationFailure
 from pymongo.write_concern import WriteConcern
 
 from . import _args
-from ._engine import Lease, host_and_pid, look, new_owner
+from ._engine import Lease, look
 from ._io import checked_write_concern, executor_for, run
 from ._keepalive import BlockingLease
-from ._rules import NamedKind, View
+from ._rules import NamedKind, View, host_and_pid, new_owner
 
 __all__ = ["DEFAULT_COLLECTION", "NamedLock", "exclusive"]
 

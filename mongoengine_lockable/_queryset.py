@@ -10,9 +10,9 @@ from mongoengine.errors import OperationError
 from mongoengine.queryset import QuerySetNoCache
 
 from . import _args
-from ._engine import Ask, ClaimSpec, Result, claim, claim_many, new_owner, new_ticket, release_all
+from ._engine import ClaimSpec, Result, claim, claim_many, release_all
 from ._io import SyncIO, run
-from ._rules import DocumentKind
+from ._rules import Ask, DocumentKind, new_owner, new_ticket
 
 __all__ = ["LockableQuerySet", "LockableQuerySetNoCache"]
 

@@ -37,6 +37,9 @@ that does not wait takes a free lease only when nobody is queued for it.
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -91,6 +94,40 @@ def combine(*parts: Mapping[str, Any]) -> Filter:
             return {"$and": [dict(p) for p in parts if p]}
         merged.update(part)
     return merged
+
+
+# -- owners and tickets -------------------------------------------------------------
+
+_HOST = socket.gethostname()
+
+
+def new_owner() -> str:
+    """A fresh owner token: host, pid and 48 random bits, so that an operator
+    can tell where a lease came from."""
+    return f"{_HOST}:{os.getpid()}:{secrets.token_hex(6)}"
+
+
+def parse_owner(owner: object) -> tuple[str, int] | None:
+    """The host and pid of a default owner token (:func:`new_owner`), or
+    ``None`` for an owner name the caller chose."""
+    if not isinstance(owner, str):
+        return None
+    host, sep, rest = owner.rpartition(":")
+    host, sep2, pid = host.rpartition(":")
+    if not (sep and sep2 and host and pid.isdigit() and len(rest) == 12
+            and all(c in "0123456789abcdef" for c in rest)):
+        return None
+    return host, int(pid)
+
+
+def new_ticket() -> str:
+    """A fresh ticket: the identity of one attempt or one write."""
+    return secrets.token_hex(12)
+
+
+def host_and_pid() -> dict[str, Any]:
+    """Where this process runs, stored with a named lock's grant."""
+    return {"host": _HOST, "pid": os.getpid()}
 
 
 # -- expression helpers -------------------------------------------------------------
@@ -200,6 +237,9 @@ class View:
     :ivar time_left: seconds until the current lease ends by the server's
         clock (0 when free).
     :ivar foreign: the record belongs to another kind of lock (its name).
+    :ivar finished: held, but by a run that has released it already (a named
+        lock's minimum hold keeps it until ``until``).
+    :ivar ticket: the ticket of the grant holding the lease now, if held.
     """
 
     exists: bool
@@ -213,6 +253,8 @@ class View:
     queued: int = 0
     time_left: float = 0.0
     foreign: str | None = None
+    finished: bool = False
+    ticket: str | None = None
 
 
 Mode = Literal["try", "force", "queue"]
@@ -470,10 +512,15 @@ class Kind:
         record needs no clearing."""
         return None
 
-    def force_release(self, stamp: str) -> Command:
-        """End whatever lease is held (an operator's last resort), passing it to
-        the first live waiter. Filter: none. Update: as :meth:`release`."""
-        return Command({}, self._end(stamp))
+    def force_release(self, stamp: str, ticket: str | None = None) -> Command:
+        """End a lease whoever holds it (an operator's last resort), passing it
+        to the first live waiter.
+
+        Filter: the lease is held, by the grant ``ticket`` when given (the
+        lease the operator was shown). Update: as :meth:`release`.
+        """
+        held = self.held() if ticket is None else self.granted(ticket)
+        return Command(held, self._end(stamp))
 
     def renew(self, holding: Holding, ms: int) -> Command:
         """Extend the caller's unexpired lease to now + ``ms``.
@@ -520,7 +567,66 @@ class Kind:
             queued=len(waiters),
             time_left=max(_ms_between(until, now), 0.0) if held and until and now else 0.0,
             foreign=foreign,
+            finished=held and lay.token not in doc,
+            ticket=doc.get(lay.token) if held else None,
         )
+
+    # -- for operators ------------------------------------------------------------------
+
+    def listed(self, everything: bool = False) -> Filter:
+        """Filter: the records an operator lists: held or expired leases, and
+        with ``everything`` released ones too."""
+        lay = self.layout
+        leased = {lay.until: {"$ne": None}}
+        return {"$or": [leased, {lay.fence: {"$gt": 0}}]} if everything else leased
+
+    def describe(self, doc: Mapping[str, Any], now: datetime | None) -> dict[str, Any]:
+        """The record as an operator sees it: a row with stable keys
+        (``id``, ``state``, ``remaining``, ``owner``, ``host``, ``pid``,
+        ``fence``, ``locked_until``, ``acquired_at``, ``waiters``).
+
+        ``state`` is ``held``, ``kept`` (released, but kept until its minimum
+        hold ends), ``expired`` (its time passed without a release),
+        ``released``, or ``free`` (never locked); ``remaining`` is the seconds
+        left by the server's clock (negative: ended that long ago).
+        """
+        lay = self.layout
+        view = self.view(doc, now)
+        until = doc.get(lay.until)
+        fence = doc.get(lay.fence)
+        if view.finished:
+            state = "kept"  # released, but its minimum hold has not ended
+        elif view.held:
+            state = "held"
+        elif lay.token in doc and until is not None:
+            state = "expired"
+        elif fence:
+            state = "released"
+        else:
+            state = "free"
+        remaining = None
+        if isinstance(until, datetime) and now is not None:
+            remaining = round(_ms_between(until, now), 3)
+        host, pid = self._where(doc)
+        return {
+            "kind": self.name,
+            "id": doc.get("_id"),
+            "state": state,
+            "remaining": remaining,
+            "owner": doc.get(lay.owner),
+            "host": host,
+            "pid": pid,
+            "fence": fence,
+            "locked_until": until,
+            "acquired_at": doc.get("acquired_at"),
+            "waiters": view.queued,
+            "finished": view.finished,
+        }
+
+    def _where(self, doc: Mapping[str, Any]) -> tuple[Any, Any]:
+        """Host and pid of the holder, where the record tells them."""
+        return doc.get("host"), doc.get("pid")
+
 
     def _foreign(self, doc: Mapping[str, Any]) -> str | None:
         return None
@@ -528,6 +634,11 @@ class Kind:
     def protected(self) -> frozenset[str]:
         """Fields that only lease operations may change."""
         return frozenset(self.layout.all)
+
+
+def _owner_where(doc: Mapping[str, Any], owner_field: str) -> tuple[Any, Any]:
+    parsed = parse_owner(doc.get(owner_field))
+    return (None, None) if parsed is None else parsed
 
 
 class DocumentKind(Kind):
@@ -541,6 +652,10 @@ class DocumentKind(Kind):
 
     def __init__(self, layout: Layout = DOCUMENT_LAYOUT) -> None:
         self.layout = layout
+
+    def _where(self, doc: Mapping[str, Any]) -> tuple[Any, Any]:
+        # A document records no host: a default owner token names it.
+        return _owner_where(doc, self.layout.owner)
 
     def clear_expired(self, holding: Holding, stamp: str) -> Command | None:
         lay = self.layout
@@ -599,3 +714,13 @@ class NamedKind(Kind):
     def _foreign(self, doc: Mapping[str, Any]) -> str | None:
         kind = doc.get(self.KIND_FIELD, self.name)
         return None if kind == self.name else str(kind)
+
+
+#: The kinds of record a named-lock collection can hold, by their ``kind``
+#: field (a record written before kinds were recorded is a named lock).
+NAMED_KINDS: dict[str, Kind] = {NamedKind.name: NamedKind()}
+
+
+def named_kind(doc: Mapping[str, Any]) -> Kind:
+    """The kind of a record of a named-lock collection."""
+    return NAMED_KINDS.get(str(doc.get(NamedKind.KIND_FIELD, NamedKind.name)), NAMED_KINDS["lock"])

@@ -1,5 +1,5 @@
-"""Worker processes for the fault tests: ``test_failover.py``,
-``test_crash_drain.py`` and ``test_clock_skew.py``.
+"""Worker processes for the fault tests: ``test_failover.py`` and
+``test_clock_skew.py`` (``test_crash_drain.py`` drives the demo's own workers).
 
 Each worker is a fresh interpreter started as::
 
@@ -16,7 +16,7 @@ nothing is inherited from the parent. The line protocol on its standard streams
   stdin after each, so that the parent can act while its leases are fresh;
 - errors go to stderr, and the exit status is non-zero.
 
-A worker that loops (``failover``, ``drain``) stops by itself: when the
+A worker that loops (``failover``) stops by itself: when the
 ``stop`` file exists, when its parent is gone, or after ``max_seconds``; no
 worker outlives the test that started it.
 
@@ -37,12 +37,11 @@ from typing import Any, Callable
 
 import mongoengine
 from mongoengine import Document
-from mongoengine.fields import BooleanField, IntField, StringField
+from mongoengine.fields import StringField
 from pymongo import monitoring
 from pymongo.errors import PyMongoError
-from pymongo.write_concern import WriteConcern
 
-from mongoengine_lockable import LockableMixin, LockError, LockNotOwnedError, NamedLock
+from mongoengine_lockable import LockableMixin, LockError, NamedLock
 
 if __package__:
     from . import _children
@@ -58,16 +57,6 @@ class FailoverDoc(LockableMixin, Document):
     meta = {"collection": "failover_docs"}
 
 
-class DrainDoc(LockableMixin, Document):
-    """One unit of work of the crash-drain queue."""
-
-    n = IntField(required=True)
-    done = BooleanField(default=False)
-
-    # Equality on ``done``, then the lease's range: what a claim needs.
-    meta = {"collection": "drain_docs", "indexes": [("done", "locked_until")]}
-
-
 class SkewDoc(LockableMixin, Document):
     """Documents leased by processes whose clocks are wrong."""
 
@@ -75,9 +64,6 @@ class SkewDoc(LockableMixin, Document):
 
     meta = {"collection": "skew_docs", "indexes": [("group", "locked_until")]}
 
-
-#: Where the crash-drain workers record what they do, one document per step.
-HANDLINGS_COLLECTION = "handlings"
 
 #: The errors the fail-over workers expect, count and survive.
 EXPECTED_ERRORS = (LockError, PyMongoError)
@@ -235,55 +221,6 @@ def cmd_failover(args: dict[str, Any]) -> None:
 # -- drain: claim, work, mark done, release; killed at random by the parent -------
 
 
-def cmd_drain(args: dict[str, Any]) -> None:
-    """Claim undone documents one at a time until none is left undone.
-
-    Each handling writes ``{doc, worker, fence, phase: "start", until}`` to
-    :data:`HANDLINGS_COLLECTION` once claimed (``until``: the lease's end as
-    stored, by the server's clock), then marks the document done
-    with ``update_if_held`` and writes ``phase: "done"``, then releases. A
-    lease lost before the fenced update writes ``phase: "lost"`` instead.
-    When a claim finds nothing but undone documents remain (leases of killed
-    workers that have not run out yet), the worker waits and tries again.
-    """
-    _children.connect(args)
-    worker = args["worker"]
-    lease = args["lease"]
-    # Acknowledged by the primary alone: the server is not what fails here,
-    # and the parent reads the records only after every worker has exited.
-    handlings = mongoengine.get_db().get_collection(
-        HANDLINGS_COLLECTION, write_concern=WriteConcern(w=1)
-    )
-    stop = Stopper(args)
-    handshake(args)
-    while not stop():
-        doc = DrainDoc.objects(done=False).claim(lease)
-        if doc is None:
-            if not DrainDoc.objects(done=False).count():
-                break
-            time.sleep(0.05)
-            continue
-        fence = doc.lock_fence
-        handlings.insert_one(
-            {"doc": doc.pk, "worker": worker, "fence": fence, "phase": "start",
-             "until": doc.locked_until}
-        )
-        # The work: short, and random, so that kills land in every phase.
-        time.sleep(random.uniform(0, args["work"]))
-        try:
-            doc.update_if_held(set__done=True)
-        except LockNotOwnedError:
-            handlings.insert_one({"doc": doc.pk, "worker": worker, "fence": fence, "phase": "lost"})
-            continue
-        handlings.insert_one({"doc": doc.pk, "worker": worker, "fence": fence, "phase": "done"})
-        try:
-            doc.release()
-        except LockNotOwnedError:
-            handlings.insert_one(
-                {"doc": doc.pk, "worker": worker, "fence": fence, "phase": "release-late"}
-            )
-
-
 # -- skew: a process whose wall clock is hours off -------------------------------
 
 
@@ -355,7 +292,6 @@ def cmd_skew(args: dict[str, Any]) -> None:
 
 COMMANDS: dict[str, Callable[[dict[str, Any]], None]] = {
     "failover": cmd_failover,
-    "drain": cmd_drain,
     "skew": cmd_skew,
 }
 

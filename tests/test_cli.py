@@ -38,7 +38,7 @@ TIMEOUT = 120
 
 ROW_KEYS = {
     "kind", "id", "state", "remaining", "owner", "host", "pid", "fence",
-    "locked_until", "acquired_at",
+    "locked_until", "acquired_at", "waiters",
 }
 
 
@@ -188,7 +188,7 @@ def test_list_named_locks(db: LockableDB, named: dict[str, NamedLock]) -> None:
     rows = {row["id"]: row for row in list_json(db)}
     assert set(rows) == {"cli-held", "cli-expired", "cli-released"}
     row = rows["cli-held"]
-    assert row["kind"] == "named"
+    assert row["kind"] == "lock"
     assert row["state"] == "held"
     assert 0 < row["remaining"] <= 300
     assert row["owner"] == named["held"].owner
@@ -297,7 +297,7 @@ def test_release_named_lock(db: LockableDB, named: dict[str, NamedLock]) -> None
                      "--db", db.db_name, "--json")
     assert result.returncode == 0, result.stderr
     done = json.loads(result.stdout)
-    assert (done["id"], done["kind"], done["fence"]) == ("cli-held", "named", fence)
+    assert (done["id"], done["kind"], done["fence"]) == ("cli-held", "lock", fence)
     assert done["previous"]["state"] == "held" and done["previous"]["owner"] == lock.owner
     assert lock.owner in result.stderr and "WARNING" in result.stderr
 
@@ -385,14 +385,20 @@ def test_demo_jobs(lockable_mongod_uri: str) -> None:
     finally:
         client.close()
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "200 of 200 jobs handled exactly once" in result.stdout
-    assert _summary_value(result.stdout, "completed exactly once") == 200
+    assert "197 of 197 jobs handled exactly once, 3 poison jobs set aside" in result.stdout
+    assert _summary_value(result.stdout, "completed exactly once") == 197
     assert _summary_value(result.stdout, "completed more than once") == 0
+    assert _summary_value(result.stdout, "set aside") == 3
     crashes = _summary_value(result.stdout, "worker crashes (SIGKILL)")
     # 200 jobs at 5 %: no crash at all has probability 0.95**200 < 1e-4.
     assert crashes > 0
-    # Every crash left one held job, which had to be taken over.
-    assert _summary_value(result.stdout, "lease take-overs") == crashes
+    # Every crash left at least the job in hand held, which had to be taken over.
+    assert _summary_value(result.stdout, "claimed again") >= crashes
+    # Says where it writes, what worker names mean, and how the workers ended.
+    assert re.search(r"^database: lockable_demo_[0-9a-f]+ \(dropped", result.stdout, re.M)
+    assert "w1.2, w1.3" in result.stdout
+    assert "all 3 workers finished" in result.stdout
+    assert "0/3 workers" not in result.stdout
     assert not [name for name in after - before if name.startswith("lockable_demo_")]
 
 
@@ -417,33 +423,55 @@ def test_demo_cron(lockable_mongod_uri: str) -> None:
 
 def test_demo_check_finds_violations(db: LockableDB) -> None:
     """The demo's verdict is not vacuous: fabricated records of a job completed
-    twice, a job never completed and a repeat without a crash are caught."""
+    twice, a job never completed, a repeat without a crash, a take-over before
+    the crashed holder's lease ended (server clock), a poison job completed and
+    one granted too few times are each caught."""
+    from datetime import datetime, timedelta
+
     jobs, handlings = db.database["demo_jobs"], db.database["demo_handlings"]
-    now = time.time()
+    base = datetime(2030, 1, 1)
 
-    def attempt(job: int, worker: str, fence: int, completed: bool) -> dict[str, Any]:
-        from datetime import datetime, timezone
-
-        started = datetime.fromtimestamp(now + fence, timezone.utc)
+    def attempt(job: int, worker: str, fence: int, completed: bool, *, granted: float = 0,
+                **more: Any) -> dict[str, Any]:
+        # Grants 10 s apart by default, each a 1 s lease: no overlap.
+        at = base + timedelta(seconds=granted or 10 * fence)
         return {"job": job, "n": job, "worker": worker, "pid": 1, "fence": fence,
-                "completed": completed, "started_at": started}
+                "completed": completed, "started_at": at, "lease_ms": 1000,
+                "until": at + timedelta(seconds=1), **more}
 
     jobs.insert_many([
         {"_id": 1, "n": 1, "status": "done", "handled_by": ["w1"], "lock_fence": 2},
         {"_id": 2, "n": 2, "status": "done", "handled_by": ["w1", "w2"], "lock_fence": 2},
         {"_id": 3, "n": 3, "status": "pending", "handled_by": [], "lock_fence": 1},
         {"_id": 4, "n": 4, "status": "done", "handled_by": ["w2"], "lock_fence": 2},
+        {"_id": 5, "n": 5, "status": "done", "handled_by": ["w2"], "lock_fence": 2},
+        {"_id": 6, "n": 6, "status": "pending", "poison": True, "lock_fence": 2},
+        {"_id": 7, "n": 7, "status": "done", "poison": True, "handled_by": ["w1"],
+         "lock_fence": 2},
+        {"_id": 8, "n": 8, "status": "pending", "poison": True, "lock_fence": 1},
     ])
     handlings.insert_many([
         attempt(1, "w9", 1, False), attempt(1, "w1", 2, True),   # after a crash: fine
         attempt(2, "w1", 1, True), attempt(2, "w2", 2, True),    # completed twice
         attempt(3, "w1", 1, False),                              # never completed
         attempt(4, "w3", 1, False), attempt(4, "w2", 2, True),   # repeat, no crash
+        attempt(5, "w9", 1, False, granted=100),                 # crashed holder's lease
+        attempt(5, "w2", 2, True, granted=100.5),                # taken 0.5 s too early
+        attempt(6, "w1", 1, False, outcome="failed"),            # poison, set aside: fine
+        attempt(6, "w2", 2, False, outcome="failed"),
+        attempt(7, "w1", 1, False, outcome="failed"),            # poison completed
+        attempt(7, "w1", 2, True),
+        attempt(8, "w1", 1, False, outcome="failed"),            # poison granted once only
     ])
-    report = JobsReport(jobs=4, workers=2, lease=1, work_ms=1, crash_rate=0, seed=0)
+    report = JobsReport(jobs=8, workers=2, lease=1, work_ms=1, crash_rate=0, seed=0,
+                        poison=3, max_attempts=2)
     _check_jobs(report, db.database, crashed={"w9"}, max_examples=5)
-    assert (report.completed_once, report.completed_more, report.never_completed) == (2, 1, 1)
-    assert (report.repeats_after_crash, report.repeats_other) == (1, 2)
-    assert len(report.violations) == 4, report.violations
+    assert (report.completed_once, report.completed_more, report.never_completed) == (3, 1, 1)
+    assert (report.repeats_after_crash, report.repeats_other) == (2, 2)
+    assert report.set_aside == [6]
+    assert len(report.violations) == 7, report.violations
+    early = [v for v in report.violations if "before the lease of fence 1 ended" in v]
+    assert [v.split()[1] for v in early] == ["5"]
     assert not report.ok
-    assert [(t.n, t.crashed_worker, t.worker) for t in report.examples] == [(1, "w9", "w1")]
+    assert [(t.n, t.crashed_worker, t.worker) for t in report.examples] == [
+        (1, "w9", "w1"), (5, "w9", "w2")]
