@@ -83,7 +83,8 @@ def _no_collection(db: Any, name: str) -> CliError:
     """The error for a collection that does not exist, with what may be meant."""
     names = sorted(db.list_collection_names())
     guesses = [n for n in names if n.lower() == name.lower() or n == _snake(name)]
-    guesses += [g for g in difflib.get_close_matches(name, names, n=3) if g not in guesses]
+    for probe in dict.fromkeys([name, _snake(name), name.lower()]):
+        guesses += [g for g in difflib.get_close_matches(probe, names, n=3) if g not in guesses]
     hint = ""
     if name[:1].isupper():
         hint = (f"; MongoEngine stores a Document class {name} in the collection "

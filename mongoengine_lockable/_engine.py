@@ -331,7 +331,12 @@ class Lease:
         """The error of a refused acquisition, naming the holder it saw."""
         view = self.refused
         holder = None if view is None else view.holder
-        if view is not None and view.held and holder is None:
+        if view is not None and view.finished:
+            # Not someone's work in progress: a finished run's minimum hold.
+            text = (f"is kept for {view.time_left:.1f} s more by the minimum hold of a "
+                    f"finished run of {holder!r}")
+            holder = None
+        elif view is not None and view.held and holder is None:
             text = "is held"
         elif view is not None and not view.held and view.queued:
             text = f"has {view.queued} waiter{'s' if view.queued > 1 else ''} queued before you"

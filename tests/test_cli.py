@@ -216,6 +216,129 @@ def test_list_unknown_collection(db: LockableDB) -> None:
     assert "nope" in assert_one_line_error(result, 1)
 
 
+def test_list_by_class_name_says_where_the_documents_are(db: LockableDB) -> None:
+    """``--collection CliJob`` names a class, not its collection: the error says
+    which collections exist and how MongoEngine names them."""
+    assert db.uri is not None
+    CliJob(name="x").save()
+    result = run_cli("list", "--uri", db.uri, "--db", db.db_name, "--collection", "CliJob")
+    message = assert_one_line_error(result, 1)
+    assert "'cli_job'" in message and "meta['collection']" in message
+    assert "'cli_jobs'" in message  # the close match that exists
+
+
+def test_list_a_collection_without_leases_says_so(db: LockableDB) -> None:
+    assert db.uri is not None
+    db.database["plain"].insert_one({"name": "no lease fields here"})
+    result = run_cli("list", "--uri", db.uri, "--db", db.db_name, "--collection", "plain")
+    assert result.returncode == 0, result.stderr
+    assert "none of its documents has a lease field" in result.stdout
+    CliJob(name="free").save().lock(30)
+    CliJob.objects.get(name="free").release(owner=CliJob.objects.get(name="free").locked_by)
+    result = run_cli("list", "--uri", db.uri, "--db", db.db_name, "--collection", "cli_jobs")
+    assert "no held or expired leases" in result.stdout and "--all" in result.stdout
+
+
+def run_in_terminal(*args: str, columns: int = 80) -> str:
+    """Run the command line with its output on a terminal ``columns`` wide
+    (rich draws tables there); return what it drew."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    environ = {k: v for k, v in os.environ.items() if k != "MONGODB_URI"}
+    environ.update(COLUMNS=str(columns), LINES="50", TERM="xterm")
+    proc = subprocess.Popen([sys.executable, "-m", "mongoengine_lockable", *args],
+                            stdin=subprocess.DEVNULL, stdout=secondary, stderr=secondary,
+                            env=environ)
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closed: the process is done
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(primary)
+    assert proc.wait(TIMEOUT) == 0, b"".join(chunks)
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode())
+
+
+def test_list_on_a_narrow_terminal_shows_whole_ids(db: LockableDB) -> None:
+    """On an 80-column terminal the id column is never shortened: each row can
+    be told apart and its id pasted into ``release``."""
+    assert db.uri is not None
+    docs = [CliJob(name="n" * 40).save() for _ in range(3)]
+    for doc in docs:
+        assert doc.lock(300, owner="a-rather-long-owner-name-" + "x" * 30)
+    drawn = run_in_terminal("list", "--uri", db.uri, "--db", db.db_name,
+                            "--collection", "cli_jobs")
+    for doc in docs:
+        assert str(doc.pk) in drawn, drawn
+    assert max(len(line) for line in drawn.splitlines()) <= 80, drawn
+
+
+def test_release_of_a_free_lock_releases_nothing(db: LockableDB,
+                                                 named: dict[str, NamedLock]) -> None:
+    assert db.uri is not None
+    lock = NamedLock("cli-free", 60)
+    assert lock.acquire()
+    lock.release()
+    result = run_cli("release", "--force", "--yes", "cli-free", "--uri", db.uri,
+                     "--db", db.db_name)
+    assert result.returncode == 0, result.stderr
+    assert "nothing to release" in result.stdout and "released by its last owner" in result.stdout
+    assert "WARNING" not in result.stderr
+    result = run_cli("release", "--force", "--yes", "cli-free", "--uri", db.uri,
+                     "--db", db.db_name, "--json")
+    assert json.loads(result.stdout)["action"] == "none"
+
+
+def test_min_hold_shows_as_kept_not_held(db: LockableDB) -> None:
+    """A finished run under ``min_hold`` is not someone's work in progress: list
+    shows it as kept, and an acquisition refused by it says so."""
+    assert db.uri is not None
+    lock = NamedLock("cli-kept", 60, min_hold=30)
+    assert lock.acquire()
+    lock.release()
+    result = run_cli("list", "--uri", db.uri, "--db", db.db_name, "--json")
+    (row,) = [r for r in json.loads(result.stdout) if r["id"] == "cli-kept"]
+    assert row["state"] == "kept" and 0 < row["remaining"] <= 30
+    from mongoengine_lockable import LockUnavailableError
+
+    with pytest.raises(LockUnavailableError, match="minimum hold of a finished run") as caught:
+        with NamedLock("cli-kept", 60):
+            pass
+    assert caught.value.owner is None
+
+
+def test_forced_release_passes_the_lease_to_the_next_waiter(db: LockableDB) -> None:
+    assert db.uri is not None
+    import threading
+
+    holder = NamedLock("cli-queue", 60)
+    assert holder.acquire()
+    waiter = NamedLock("cli-queue", 60)
+    got: list[bool] = []
+    thread = threading.Thread(target=lambda: got.append(waiter.acquire(wait=60)))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not db.database["lockable_named_locks"].find_one(
+                {"_id": "cli-queue", "waiters.0": {"$exists": True}}):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        result = run_cli("release", "--force", "--yes", "cli-queue", "--uri", db.uri,
+                         "--db", db.db_name)
+        assert result.returncode == 0, result.stderr
+        assert f"passed to the next waiter {waiter.owner}" in result.stdout
+    finally:
+        thread.join(60)
+    assert got == [True]
+    assert NamedLock.owner_of("cli-queue") == waiter.owner
+
+
 # -- release --------------------------------------------------------------------------
 
 
