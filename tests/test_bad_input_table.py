@@ -243,7 +243,56 @@ CASES = [
          lambda c: exclusive("job", 60, collection=""), ValueError, r"\bcollection\b"),
     Case("exclusive-positional-wait",
          lambda c: exclusive("job", 60, 5), TypeError, r"exclusive\(\)"),
+    # -- values that pass a type check but cannot be stored ----------------------------------
+    Case("lock-owner-lone-surrogate",
+         lambda c: c.doc.lock(30, owner="w\ud800"), ValueError, r"\bowner\b"),
+    Case("lock-owner-too-long",
+         lambda c: c.doc.lock(30, owner="o" * 1001), ValueError, r"\bowner\b"),
+    Case("release-owner-too-long",
+         lambda c: c.held.release(owner="o" * 1001), ValueError, r"\bowner\b"),
+    Case("renew-owner-lone-surrogate",
+         lambda c: c.held.renew(30, owner="\udfff"), ValueError, r"\bowner\b"),
+    Case("claim-owner-lone-surrogate",
+         lambda c: Item.objects.claim(30, owner="\ud800x"), ValueError, r"\bowner\b"),
+    Case("claim-owner-too-long",
+         lambda c: Item.objects.claim(30, owner="o" * 1001), ValueError, r"\bowner\b"),
+    Case("owns_lock-owner-too-long",
+         lambda c: c.doc.owns_lock(owner="o" * 1001), ValueError, r"\bowner\b"),
+    Case("named-owner-lone-surrogate",
+         lambda c: NamedLock("n", owner="\ud800"), ValueError, r"\bowner\b"),
+    Case("named-owner-too-long", lambda c: NamedLock("n", owner="o" * 1001), ValueError,
+         r"\bowner\b"),
+    Case("named-name-lone-surrogate", lambda c: NamedLock("\ud800"), ValueError, r"\bname\b"),
+    Case("named-collection-too-long",
+         lambda c: NamedLock("n", collection="c" * 300), ValueError, r"\bcollection\b"),
+    Case("named-collection-leading-dot",
+         lambda c: NamedLock("n", collection=".locks"), ValueError, r"\bcollection\b"),
+    Case("named-collection-nul",
+         lambda c: NamedLock("n", collection="lo\0cks"), ValueError, r"\bcollection\b"),
+    Case("named-collection-lone-surrogate",
+         lambda c: NamedLock("n", collection="lo\ud800"), ValueError, r"\bcollection\b"),
+    Case("owner_of-collection-too-long",
+         lambda c: NamedLock.owner_of(NAME, collection="c" * 300), ValueError,
+         r"\bcollection\b"),
+    Case("exclusive-collection-too-long",
+         lambda c: exclusive("job", 60, collection="c" * 300), ValueError, r"\bcollection\b"),
+    # -- @exclusive: name templates and coroutine functions ---------------------------------------
+    Case("exclusive-template-unknown-field",
+         lambda c: exclusive("report:{day}", 60)(lambda date: None), ValueError, r"\{day\}"),
+    Case("exclusive-template-attribute-of-unknown-field",
+         lambda c: exclusive("r:{nope.attr}", 60)(lambda day: None), ValueError, r"nope"),
+    Case("exclusive-template-positional-field",
+         lambda c: exclusive("r:{0}", 60)(lambda day: None), ValueError, r"\{0\}"),
+    Case("exclusive-name-bytes", lambda c: exclusive(b"job", 60), TypeError, r"\bname\b"),
+    Case("exclusive-coroutine-function",
+         lambda c: exclusive("job", 60)(_coroutine_function), TypeError, r"coroutine"),
+    Case("exclusive-callable-returns-empty",
+         lambda c: exclusive(lambda: "", 60)(lambda: None)(), ValueError, r"\bname\b"),
 ]
+
+
+async def _coroutine_function() -> None:  # pragma: no cover - never awaited
+    pass
 
 
 # -- the database, whole ---------------------------------------------------------------------
@@ -300,7 +349,8 @@ def test_the_table_covers_every_entry_point():
     for argument in ("name", "duration", "owner", "wait", "keepalive", "min_hold", "alias",
                      "collection", "write_concern"):
         assert any(i.startswith(f"named-{argument}-") for i in ids), argument
-    for argument in ("name", "duration", "wait", "min_hold", "keepalive", "alias", "collection"):
+    for argument in ("name", "duration", "wait", "min_hold", "keepalive", "alias", "collection",
+                     "template"):
         assert any(i.startswith(f"exclusive-{argument}-") for i in ids), argument
     for field in ("locked_until", "locked_by", "lock_fence"):
         assert any(field in i for i in ids if i.startswith("update-")), field

@@ -299,3 +299,58 @@ def child_probe(args: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     run_worker(sys.argv[1:], {"probe": child_probe}, watchdog=120, connected=True)
+
+
+# -- the local deadline on a frozen server ---------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", KINDS)
+def test_lock_lost_fires_at_the_local_deadline_while_the_server_is_frozen(kind: str) -> None:
+    """A 1 s lease with keepalive; the server is frozen (SIGSTOP) for 4 s. The
+    renewals cannot get through, so the lease must count as lost when its
+    local deadline passes (about 1 s after it was granted), not once the
+    server answers again."""
+    from mongoengine_lockable.testing.plugin import start_replica_set_or_skip
+
+    replica_set = start_replica_set_or_skip(1)
+    alias = f"frozen-{kind}"
+    received: list[float] = []
+
+    def receive(sender: Any, **kwargs: Any) -> None:
+        received.append(time.monotonic())
+
+    try:
+        mongoengine.connect(db="frozen", host=replica_set.uri, alias=alias,
+                            uuidRepresentation="standard", connectTimeoutMS=500)
+        with signals.lock_lost.connected_to(receive):
+            if kind == "document":
+                doc_cls = type("FrozenJob", (LockableMixin, mongoengine.Document), {
+                    "meta": {"collection": "frozen_jobs", "db_alias": alias},
+                })
+                holder: Any = doc_cls().save()
+                before = time.monotonic()
+                assert holder.lock(LEASE, keepalive=True)
+            else:
+                holder = NamedLock("frozen", LEASE, keepalive=True, alias=alias)
+                before = time.monotonic()
+                assert holder.acquire()
+            replica_set.pause(0)
+            frozen = time.monotonic()
+            try:
+                wait_for(lambda: received, timeout=3.5)
+                still_frozen = time.monotonic()
+            finally:
+                replica_set.resume(0)
+        lost = received[0]
+        print(f"{kind}: lock_lost {lost - before:.3f} s after the grant was asked for "
+              f"(frozen at {frozen - before:.3f} s)")
+        assert lost >= before + LEASE * 0.95  # not before the lease could have ended
+        assert frozen < lost <= still_frozen  # heard while the server was still frozen
+        assert lost - before < LEASE + 1.5
+        with pytest.raises(LockNotOwnedError):
+            holder.release()
+    finally:
+        mongoengine.disconnect(alias)
+        replica_set.stop()

@@ -385,3 +385,108 @@ def test_no_cache_and_back_keep_the_lease_methods():
     claimed = quiet.claim(30)
     assert claimed is not None and claimed.pk == free.pk
     assert quiet.claim(30) is None
+
+
+# -- claim() honours everything that narrows or orders the queryset ----------------------
+
+
+@pytest.mark.usefixtures("lockable_db")
+def test_claim_on_none_claims_nothing():
+    job = Job(payload="x").save()
+    assert Job.objects.none().claim(30) is None
+    assert Job.objects(payload="x").none().claim(30, wait=0.2) is None
+    assert Job.objects.none().claim_many(5, 30) == []
+    assert raw(job).get("locked_until") is None
+
+
+def test_claim_honours_where(lockable_real_db):
+    low = Job(payload="low", priority=1).save()
+    high = Job(payload="high", priority=9).save()
+    claimed = Job.objects.where("this.priority > 5").claim(30)
+    assert claimed is not None and claimed.pk == high.pk
+    assert Job.objects.where("this.priority > 5").claim(30) is None
+    assert raw(low).get("locked_until") is None
+
+
+@pytest.mark.usefixtures("lockable_db")
+@pytest.mark.parametrize("window", ["skip", "slice", "limit", "skip-limit"])
+def test_claim_takes_only_documents_inside_the_window(window):
+    jobs = [Job(payload=f"{n:02}", priority=n).save() for n in range(8)]
+    ordered = Job.objects.order_by("priority")
+    queryset = {
+        "skip": ordered.skip(5),
+        "slice": ordered[5:],
+        "limit": ordered.limit(3),
+        "skip-limit": ordered[2:4],
+    }[window]
+    inside = {
+        "skip": [5, 6, 7], "slice": [5, 6, 7], "limit": [0, 1, 2], "skip-limit": [2, 3],
+    }[window]
+    claimed = []
+    while (doc := queryset.claim(30)) is not None:
+        claimed.append(doc.priority)
+    assert claimed == inside
+    assert queryset.claim_many(10, 30) == []
+    # Nothing outside the window was touched.
+    for job in jobs:
+        assert (raw(job).get("locked_until") is not None) == (job.priority in inside)
+
+
+@pytest.mark.usefixtures("lockable_db")
+def test_claim_in_a_window_skips_held_documents_of_the_window():
+    jobs = [Job(payload=str(n), priority=n).save() for n in range(4)]
+    assert jobs[1].lock(30)
+    window = Job.objects.order_by("priority")[1:3]
+    assert window.claim(30).priority == 2  # 1 is held; 0 and 3 are outside
+    assert window.claim(30) is None
+
+
+@pytest.mark.usefixtures("lockable_db")
+def test_claim_many_in_a_window_and_its_order():
+    for n in range(6):
+        Job(payload=str(n), priority=n).save()
+    got = Job.objects.order_by("-priority")[1:5].claim_many(10, 30, owner="w")
+    assert [d.priority for d in got] == [4, 3, 2, 1]
+    assert all(d.locked_by == "w" and d.owns_lock() for d in got)
+
+
+def test_claim_honours_collation(lockable_real_db):
+    Job(payload="apple", status="READY").save()
+    upper = Job.objects(status="ready").collation({"locale": "en", "strength": 2})
+    claimed = upper.claim(30)
+    assert claimed is not None and claimed.status == "READY"
+    assert Job.objects(status="ready").claim(30) is None  # case matters without it
+
+
+def test_claim_honours_hint(lockable_real_db, monkeypatch):
+    from mongoengine_lockable._mixin import executor_of
+
+    Job.ensure_indexes()
+    Job(payload="x", status="pending").save()
+    io = executor_of(Job)
+    sent = []
+    real = io.collection
+
+    class Recording:
+        def find_one_and_update(self, *args, **kwargs):
+            sent.append(kwargs)
+            return real.find_one_and_update(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(io, "collection", Recording())
+    claimed = Job.objects(status="pending").hint([("locked_until", 1)]).claim(30)
+    assert claimed is not None
+    assert sent[-1]["hint"] == [("locked_until", 1)]
+    with pytest.raises(Exception, match="hint"):  # the server honours it: a bad one fails
+        Job.objects(status="pending").hint([("no_such_index", 1)]).claim(30)
+
+
+def test_claim_honours_search_text(lockable_real_db):
+    Job._get_collection().create_index([("payload", "text")])
+    Job(payload="invoice for march").save()
+    Job(payload="receipt").save()
+    claimed = Job.objects.search_text("invoice").claim(30)
+    assert claimed is not None and claimed.payload == "invoice for march"
+    assert Job.objects.search_text("invoice").claim(30) is None

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +34,7 @@ import pytest
 from bson import ObjectId
 
 from mongoengine_lockable import LockableMixin, NamedLock
+from mongoengine_lockable._io import client_now
 from mongoengine_lockable._waiting import BASE_DELAY, MAX_DELAY, backoff
 
 from _children import Child, Children, hear, ready_then_wait_for_go, run_worker, say
@@ -261,3 +263,54 @@ if __name__ == "__main__":
     run_worker(
         sys.argv[1:], {"hold": child_hold, "wait": child_wait}, watchdog=120, connected=True
     )
+
+
+# -- a waiter never sleeps to a stale expiry ------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("change", ["renewed-shorter", "forced-then-crashed"])
+def test_waiter_follows_a_lease_that_now_ends_sooner(lockable_db: Any, kind: str,
+                                                     change: str) -> None:
+    """The holder's 30 s lease becomes a 0.5 s one while a waiter waits (a
+    renewal to a shorter term, or a forced takeover by a caller that then
+    vanishes): the waiter gets the lease soon after the new end, not at the
+    old one."""
+    if kind == "document":
+        doc = WaitJob().save()
+        holder = WaitJob.objects.get(pk=doc.pk)
+        assert holder.lock(30)
+        waiter_take = lambda: doc.lock(5, wait=20)  # noqa: E731
+        if change == "renewed-shorter":
+            shorten = lambda: holder.renew(0.5)  # noqa: E731
+        else:
+            shorten = lambda: WaitJob.objects.get(pk=doc.pk).lock(0.5, force=True)  # noqa: E731
+    else:
+        name = f"stale-{ObjectId()}"
+        holder = NamedLock(name, 30)
+        assert holder.acquire()
+        waiter = NamedLock(name, 5)
+        waiter_take = lambda: waiter.acquire(wait=20)  # noqa: E731
+        if change == "renewed-shorter":
+            shorten = lambda: holder.renew(0.5)  # noqa: E731
+        else:
+            def shorten() -> None:
+                # Another process takes the record over for 0.5 s and dies:
+                # what a forced takeover leaves behind (the server runs on this
+                # machine's clock, so the client's time will do here).
+                coll = NamedLock(name)._blocking().io.collection
+                coll.update_one({"_id": name}, {"$set": {
+                    "locked_until": client_now() + timedelta(seconds=0.5),
+                    "owner": "vanished", "token": "vanished"}})
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(ok=waiter_take(),
+                                                           at=time.monotonic()))
+    thread.start()
+    time.sleep(0.6)  # the waiter is queued, its lease's end in view
+    shortened = time.monotonic()
+    shorten()
+    thread.join(30)
+    assert result["ok"] is True
+    # The new end is 0.5 s after the change; the old one 30 s after the start.
+    assert result["at"] - shortened < 4.0, result["at"] - shortened
