@@ -37,6 +37,7 @@ from . import signals
 from ._errors import LockError, LockNotOwnedError, LockUnavailableError, held_by
 from ._expr import naive_utc
 from ._rules import (
+    PICKUP_MS,
     REFRESH_SECONDS,
     Ask,
     Filter,
@@ -247,6 +248,8 @@ class Held:
     lost: bool = False
     #: ``lock_lost`` was sent for it.
     announced: bool = False
+    #: A hand-off for a short term: to be renewed to ``ms`` at once.
+    confirm: bool = False
 
 
 class Lease:
@@ -399,7 +402,7 @@ class Lease:
                     result = Result({}, None)
             view = self._check(self.kind.view(result.doc, result.now, ask.ticket))
             if view.mine:
-                return self.adopt(result, ask, sent, self.clock() - started)
+                return self.adopt(result, ask, (sent, result.now), self.clock() - started)
             return self._refuse(view, self.clock() - started)
         return (yield from self._wait_in_queue(ask, wait))
 
@@ -443,8 +446,7 @@ class Lease:
                 else:
                     view = self._check(self.kind.view(result.doc, result.now, ask.ticket))
                     if view.mine:
-                        return self.adopt(result, ask, self._anchor(view, ask, sent, last),
-                                          waiting.waited())
+                        return self.adopt(result, ask, (sent, result.now), waiting.waited())
                     if result.now is not None:
                         last = (sent, result.now)
                 if waiting.over():
@@ -459,29 +461,16 @@ class Lease:
                     seen = self.kind.view(doc, event.get("wallTime"), ask.ticket)  # type: ignore[union-attr]
                     if seen.mine and seen.now is not None:
                         result = Result(doc, seen.now)
-                        return self.adopt(result, ask, self._anchor(seen, ask, self.clock(), last),
-                                          waiting.waited())
+                        # Seen in the event: the hand-off's server time is no
+                        # earlier than that of the last answered attempt.
+                        seen_at = last or (self.clock(), seen.now)
+                        return self.adopt(result, ask, seen_at, waiting.waited())
         except GeneratorExit:
             raise
         except BaseException:
             # Interrupted or cancelled while queued: leave nothing queued or held.
             yield from self._abandon(ask)
             raise
-
-    def _anchor(
-        self, view: View, ask: Ask, sent: float, last: tuple[float, datetime] | None
-    ) -> float:
-        """The monotonic time a grant is counted from: no later than the grant.
-
-        The grant's server time is its end minus its duration; it happened
-        after the last attempt that still saw the caller waiting, whose server
-        time and local send time bound the local time of the grant from below.
-        """
-        if last is None or view.until is None:
-            return sent
-        granted_at = view.until - timedelta(milliseconds=ask.ms)
-        since = (granted_at - naive_utc(last[1])) / timedelta(seconds=1)
-        return min(sent, last[0] + since)
 
     def _give_up(
         self, ask: Ask, waiting: Waiting, last: tuple[float, datetime] | None
@@ -497,7 +486,7 @@ class Lease:
             return self._refuse(self.refused or View(exists=True), waiting.waited())
         view = self._check(self.kind.view(result.doc, result.now, ask.ticket))
         if view.mine:
-            return self.adopt(result, ask, self._anchor(view, ask, sent, last), waiting.waited())
+            return self.adopt(result, ask, (sent, result.now), waiting.waited())
         return self._refuse(view, waiting.waited())
 
     def _abandon(self, ask: Ask) -> Steps[None]:
@@ -512,19 +501,36 @@ class Lease:
         except Exception as exc:
             log.warning("could not leave the queue of %s: %s", self.what, exc)
 
-    def adopt(self, result: Result, ask: Ask, anchor: float, waited: float) -> Result:
+    def adopt(
+        self, result: Result, ask: Ask, seen: tuple[float, datetime | None], waited: float
+    ) -> Result:
         """Record a grant (from :meth:`acquire`, or a claim that picked this
-        record) and announce it."""
+        record) and announce it.
+
+        :param seen: when the grant was seen: the local (monotonic) time a
+            request was sent, and the server's time while it ran, no later
+            than the grant was observed. The lease counts as held until that
+            local time plus what the server said was left (``until - now``):
+            never longer than the server granted.
+        """
         assert result.doc is not None
         view = self.kind.view(result.doc, result.now, ask.ticket)
+        sent, server_now = seen
+        left = ask.ms
+        if view.until is not None and server_now is not None:
+            until_ms = (view.until - naive_utc(server_now)) / timedelta(milliseconds=1)
+            left = min(ask.ms, int(until_ms))
         self.held = Held(
             owner=ask.owner,
             ticket=ask.ticket,
             fence=int(view.fence or 0),
             ms=ask.ms,
-            anchor=anchor,
-            term=ask.ms,
+            anchor=sent,
+            term=max(left, 0),
             until=view.until,
+            # Handed over by another's write: granted for a short while only,
+            # until this holder confirms it (see PICKUP_MS).
+            confirm=ask.ms > PICKUP_MS >= left,
         )
         self.had_lease = True
         self.fence = self.held.fence
@@ -622,7 +628,7 @@ class Lease:
             raise self.not_owned("renew", holding.owner)
         if own is not None:
             view = self.kind.view(result.doc, result.now, own.ticket)
-            own.anchor, own.term, own.until = sent, ms, view.until
+            own.anchor, own.term, own.until, own.confirm = sent, ms, view.until, False
         fence = own.fence if own is not None else result.doc.get(self.kind.layout.fence)
         self._stored(result, False)
         self._send("lock_renewed", owner=holding.owner, fence=fence)
@@ -689,6 +695,8 @@ class Lease:
         held = self.held
         if held is None or held.lost:
             return None
+        if held.confirm:
+            return 0.0
         due = held.anchor + held.term / 1000 * RENEW_FRACTION - self.clock()
         return min(max(due, 0.0), MAX_KEEPALIVE_SLEEP)
 

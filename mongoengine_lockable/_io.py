@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
@@ -50,7 +51,7 @@ log = logging.getLogger("mongoengine_lockable.io")
 T = TypeVar("T")
 
 #: Longest a change-stream read blocks before the waiter checks its clocks:
-#: the most a waiter can be late for its deadline.
+#: the most a waiter's pause can overrun its bound.
 STREAM_AWAIT_MS = 100
 
 #: Lease changes are acknowledged by a majority unless the caller says otherwise,
@@ -106,18 +107,13 @@ class ChangeStreamWaker:
             return None
         end = time.monotonic() + timeout
         try:
-            while True:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return None
-                if left * 1000 < STREAM_AWAIT_MS:
-                    # A blocking read could overshoot the deadline: nap instead;
-                    # an event meanwhile is read at the next pause.
-                    time.sleep(left)
-                    return None
+            while time.monotonic() < end:
+                # Each read blocks for at most STREAM_AWAIT_MS (it may end the
+                # pause that much late), and returns as soon as an event comes.
                 event: dict[str, Any] | None = self._stream.try_next()
                 if event is not None:
                     return event
+            return None
         except PyMongoError as exc:
             log.warning("change stream failed (%s); polling for the rest of this wait", exc)
             self.close()
@@ -417,10 +413,35 @@ def run(steps: Steps[T], io: SyncIO, *, track: bool = False) -> T:
         value: T = stop.value
         return value
     finally:
-        for waker in wakers:
-            waker.close()
-        if session is not None:
+        if wakers:
+            # Closing a change stream is a round trip (killCursors): not on the
+            # way back to a caller that was just granted its lease.
+            _closing().submit(_close, wakers, session)
+        elif session is not None:
             session.end_session()
+
+
+_closer: ThreadPoolExecutor | None = None
+_closer_lock = threading.Lock()
+
+
+def _closing() -> ThreadPoolExecutor:
+    """The one background thread that closes finished waiters' streams."""
+    global _closer
+    with _closer_lock:
+        if _closer is None:
+            _closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lockable-closer")
+        return _closer
+
+
+def _close(wakers: list[Any], session: Any) -> None:
+    for waker in wakers:
+        try:
+            waker.close()
+        except Exception as exc:  # pragma: no cover - the server went away
+            log.debug("closing a change stream failed: %s", exc)
+    if session is not None:
+        session.end_session()
 
 
 Blocking = Callable[[Steps[T]], T]

@@ -28,10 +28,13 @@ log = logging.getLogger("mongoengine_lockable.keepalive")
 
 
 class KeepAlive:
-    """Renews ``lease`` from a daemon thread until stopped, lost or released."""
+    """Renews ``lease`` from a daemon thread until stopped, lost or released;
+    with ``forever=False``, only until a lease handed over for a short term
+    is confirmed."""
 
-    def __init__(self, lease: BlockingLease) -> None:
+    def __init__(self, lease: BlockingLease, *, forever: bool = True) -> None:
         self._lease = weakref.ref(lease)
+        self._forever = forever
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"lockable-keepalive {lease.lease.what}", daemon=True
@@ -48,6 +51,9 @@ class KeepAlive:
                 return
             try:
                 delay = run(lease.lease.keep(), lease.io)
+                if not self._forever and lease.lease.held is not None and \
+                        not lease.lease.held.confirm:
+                    return  # confirmed: nothing more to do
             except Exception:  # pragma: no cover - keep() handles database errors
                 log.exception("keepalive of %s failed", lease.lease.what)
                 return
@@ -91,14 +97,17 @@ class BlockingLease:
         self._stop_keepalive()
         result = run(self.lease.acquire(owner, ms, wait=wait, force=force, extra=extra),
                      self.io, track=wait != 0)
-        if result is not None and keepalive:
-            self.keep_alive()
+        held = self.lease.held
+        if result is not None and held is not None and (keepalive or held.confirm):
+            self.keep_alive(forever=keepalive)
         return result
 
-    def keep_alive(self) -> None:
-        """Start renewing the held lease from a background thread."""
+    def keep_alive(self, *, forever: bool = True) -> None:
+        """Start renewing the held lease from a background thread (with
+        ``forever=False``: only to confirm a lease handed over for a short
+        term)."""
         self._stop_keepalive()
-        self._keeper = KeepAlive(self)
+        self._keeper = KeepAlive(self, forever=forever)
 
     def release(self, owner: str | None = None) -> Result:
         if owner is None or (self.lease.held is not None and self.lease.held.owner == owner):

@@ -175,8 +175,10 @@ class NamedLock:
         return self._lease.fence
 
     def _blocking(self) -> BlockingLease:
-        coll = records(self.alias, self.collection)
         handle = self._handle
+        if handle is not None and handle.io.source.database is get_db(self.alias):
+            return handle  # the same connection as last time
+        coll = records(self.alias, self.collection)
         if handle is None or not _same(handle.io.source, coll):
             io = executor_for(coll, self._write_concern)
             if handle is None:

@@ -50,6 +50,7 @@ from ._expr import naive_utc
 __all__ = [
     "DOC_KEY",
     "NOW_KEY",
+    "PICKUP_MS",
     "RESULT_PROJECTION",
     "WAITER_TTL_MS",
     "Ask",
@@ -79,9 +80,14 @@ DOC_KEY = "_lockable_doc"
 RESULT_PROJECTION: dict[str, Any] = {NOW_KEY: NOW, DOC_KEY: "$$ROOT"}
 
 #: A queued waiter not heard from for this long is skipped (and dropped).
-WAITER_TTL_MS = 1500
+WAITER_TTL_MS = 1200
 #: How often a waiter refreshes its place in the queue (well inside the TTL).
-REFRESH_SECONDS = 0.5
+REFRESH_SECONDS = 0.4
+#: A lease handed to a waiter by someone else's write is granted for at most
+#: this long, until the waiter confirms it (a renewal to its full duration, at
+#: once): a waiter that died while queued holds a hand-off no longer than
+#: this, so it is skipped within WAITER_TTL_MS + PICKUP_MS of its death.
+PICKUP_MS = 800
 #: Larger than any queue: ``$slice`` needs a count.
 _ALL = 2**31 - 1
 
@@ -440,7 +446,8 @@ class Kind:
             mine = {"$and": [{"$eq": [_f(lay.token), _lit(ask.ticket)]}, _held(lay.until)]}
             base = _live(_f(lay.waiters))
             queue = _cond(mine, base, _with_entry(base, ask.ticket, self._entry(ask)))
-            return Command({}, self._settle(queue, free=_free(lay.until)), self.upsert)
+            return Command({}, self._settle(queue, free=_free(lay.until), caller=ask.ticket),
+                           self.upsert)
         if mode == "force":
             win: Any = self._kind_ok()
         else:
@@ -460,34 +467,45 @@ class Kind:
         free: Any,
         otherwise: Mapping[str, Any] | None = None,
         always: Mapping[str, Any] | None = None,
+        caller: str | None = None,
     ) -> Pipeline:
         """The pipeline of a write that changes the queue or ends a lease.
 
         ``queue`` is the new queue of live waiters (an expression on the record
         before the write); if the lease is ``free`` (an expression) and someone
-        is queued, the first waiter gets the lease, with its own duration and
-        the next fence, and leaves the queue. Otherwise the fields in
-        ``otherwise`` are set (a release's). ``always`` are set in both cases.
-        An empty queue is removed.
+        is queued, the first waiter gets the lease, with the next fence, and
+        leaves the queue. Its term is its own duration if it is the ``caller``
+        (the waiter whose write this is), else at most :data:`PICKUP_MS` until
+        it confirms the lease. Otherwise the fields in ``otherwise`` are set (a
+        release's). ``always`` are set in both cases. An empty queue is removed.
         """
         lay = self.layout
-        head = {key: f"{_T}.head.{key}" for key in ("o", "t", "ms", "x")}
+        head: dict[str, Any] = {key: f"{_T}.head.{key}" for key in ("o", "t", "ms", "x")}
+        handed = {"$min": [head["ms"], PICKUP_MS]}
+        head["ms"] = handed if caller is None else _cond(
+            {"$eq": [head["t"], _lit(caller)]}, head["ms"], handed)
         grant = {**self._grant_fields(head), lay.stamp: f"{_T}.head.t"}
         changed = {k: _cond(f"{_T}.grant", v, (otherwise or {}).get(k, _f(k)))
                    for k, v in grant.items()}
         for key, value in (otherwise or {}).items():
             changed.setdefault(key, _cond(f"{_T}.grant", _f(key), value))
         changed.update(always or {})
-        changed[lay.waiters] = _cond(f"{_T}.grant",
-                                     {"$slice": [f"{_T}.q", 1, _ALL]}, f"{_T}.q")
+        # The queue without the granted head; removed once empty.
+        size = {"$size": f"{_T}.q"}
+        changed[lay.waiters] = _cond(
+            f"{_T}.grant",
+            _cond({"$gt": [size, 1]}, {"$slice": [f"{_T}.q", 1, _ALL]}, REMOVE),
+            _cond({"$gt": [size, 0]}, f"{_T}.q", REMOVE),
+        )
+        # Three stages: every stage materializes the record again, so the
+        # shared values are computed once, in the first.
         return [
-            {"$set": {TMP: {"q": queue, "free": {"$and": [free, self._kind_ok()]}}}},
-            {"$set": {TMP + ".head": {"$arrayElemAt": [f"{_T}.q", 0]},
-                      TMP + ".grant": {"$and": [f"{_T}.free",
-                                                {"$gt": [{"$size": f"{_T}.q"}, 0]}]}}},
+            {"$set": {TMP: {"$let": {"vars": {"q": queue}, "in": {
+                "q": "$$q",
+                "head": {"$arrayElemAt": ["$$q", 0]},
+                "grant": {"$and": [free, self._kind_ok(), {"$gt": [{"$size": "$$q"}, 0]}]},
+            }}}}},
             {"$set": changed},
-            {"$set": {lay.waiters: _cond({"$eq": [{"$size": _f(lay.waiters)}, 0]},
-                                         REMOVE, _f(lay.waiters))}},
             {"$unset": TMP},
         ]
 
