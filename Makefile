@@ -67,9 +67,10 @@ test-sdist: dist
 	rm -rf $(SDIST_TREE) && mkdir -p $(SDIST_TREE)
 	tar -xzf $(DIST)/*.tar.gz -C $(SDIST_TREE) --strip-components=1
 	$(BIN)/pytest --collect-only -q -p no:cacheprovider tests 2>&1 \
-	  | grep -v -e '^[0-9]* tests\? collected' -e ' in [0-9.]*s' > build/collected-repo.txt || true
+	  | grep -E '^(tests/|ERROR )' | sed 's/ - .*//' > build/collected-repo.txt || true
 	cd $(SDIST_TREE) && ../../$(BIN)/pytest --collect-only -q -p no:cacheprovider tests 2>&1 \
-	  | grep -v -e '^[0-9]* tests\? collected' -e ' in [0-9.]*s' > ../collected-sdist.txt || true
+	  | grep -E '^(tests/|ERROR )' | sed 's/ - .*//' > ../collected-sdist.txt || true
+	test -s build/collected-repo.txt
 	diff -u build/collected-repo.txt build/collected-sdist.txt
 	cd $(SDIST_TREE) && PYTHONPATH=$$PWD ../../$(BIN)/python -c \
 	  'import mongoengine_lockable as m, os, sys; sys.exit(0 if m.__file__.startswith(os.getcwd()) else f"imported {m.__file__}, not the sdist")'
