@@ -80,16 +80,25 @@ test-sdist: dist
 LOWEST_PYTHON = $(firstword $(foreach v,$(MATRIX_VERSIONS),$(call find_python,$(v))) $(PYTHON))
 find_python = $(firstword $(wildcard $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions/$(1).*/bin/python$(1)) $(shell command -v python$(1) 2>/dev/null))
 
-$(LOWEST_VENV)/.install-stamp: $(METADATA) $(REQUIREMENTS) | venv
+# Every ">=" floor of install_requires and of the test extra, pinned: without
+# it a newer package pulled in by another (Flask 3.1 needs blinker 1.9) would
+# lift a floor unnoticed.
+FLOORS_SCRIPT := import configparser, re; cfg = configparser.ConfigParser(); cfg.read("setup.cfg"); \
+  reqs = cfg["options"]["install_requires"].split("\n") + cfg["options.extras_require"]["test"].split("\n"); \
+  print("\n".join(re.sub(r">=", "==", r.strip()) + ".*" for r in reqs if re.fullmatch(r"[A-Za-z0-9_.-]+>=[0-9.]+", r.strip())))
+
+$(LOWEST_VENV)/.install-stamp: $(METADATA) $(REQUIREMENTS) Makefile | venv
 	rm -rf $(LOWEST_VENV)
+	mkdir -p build && $(BIN)/python -c '$(FLOORS_SCRIPT)' > build/lowest-constraints.txt
 	$(BIN)/uv venv -q --python $(LOWEST_PYTHON) $(LOWEST_VENV)
-	$(BIN)/uv pip install -q --python $(LOWEST_VENV)/bin/python --resolution lowest-direct -e '.[test]'
-	$(BIN)/uv pip install -q --python $(LOWEST_VENV)/bin/python --resolution lowest-direct $(FRAMEWORKS)
+	# One resolution, so that the framework packages cannot lift a floor either.
+	$(BIN)/uv pip install -q --python $(LOWEST_VENV)/bin/python --resolution lowest-direct \
+	  --constraint build/lowest-constraints.txt -e '.[test]' $(FRAMEWORKS)
 	touch $@
 
 test-lowest: $(LOWEST_VENV)/.install-stamp
 	@$(BIN)/uv pip list --python $(LOWEST_VENV)/bin/python 2>/dev/null \
-	  | grep -i -E '^(python|mongoengine|pymongo|blinker|mongomock|pytest|flask-mongoengine-3|django-mongoengine|prometheus-client) '
+	  | grep -i -E '^(mongoengine|pymongo|blinker|mongomock|pytest|flask|flask-mongoengine-3|django|django-mongoengine|prometheus-client) '
 	$(LOWEST_VENV)/bin/python --version
 	$(LOWEST_VENV)/bin/pytest $(PYTEST_QUIET) -m "not slow" $(LOWEST_TESTS)
 
@@ -102,8 +111,7 @@ test-matrix: venv
 	  env=$(MATRIX_DIR)/$$v; \
 	  if [ ! -f $$env/.install-stamp ] || [ -n "$$(find $(METADATA) $(REQUIREMENTS) -newer $$env/.install-stamp)" ]; then \
 	    rm -rf $$env && $(BIN)/uv venv -q --python $$py $$env \
-	    && $(BIN)/uv pip install -q --python $$env/bin/python -e '.[test]' \
-	    && $(BIN)/uv pip install -q --python $$env/bin/python $(FRAMEWORKS) \
+	    && $(BIN)/uv pip install -q --python $$env/bin/python -e '.[test]' $(FRAMEWORKS) \
 	    && touch $$env/.install-stamp || exit 1; \
 	  fi; \
 	  echo "== Python $$v ($$py)"; \
