@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import time
 import weakref
 from collections.abc import Iterator
@@ -164,3 +166,20 @@ def test_default_registry(lockable_mongomock_db: LockableDB):
     assert prometheus_client.REGISTRY.get_sample_value(
         "mongoengine_lockable_hold_seconds_count", {"kind": "PromJob"}
     ) is None
+
+
+def test_without_prometheus_client_the_import_says_what_to_install():
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None\n"
+        "try:\n"
+        "    import mongoengine_lockable.contrib.prometheus\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+        "import mongoengine_lockable\n"  # the core does not need it
+        "print('core ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "needs prometheus-client: pip install prometheus-client" in result.stdout
+    assert result.stdout.strip().endswith("core ok")
