@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import textwrap
 import time
@@ -23,10 +24,27 @@ from mongoengine_lockable.testing import (
     MongodStartError,
     _mongod,
     find_mongod,
+    plugin,
 )
-from mongoengine_lockable.testing.plugin import _uri_database
 
 MAJORITY = WriteConcern("majority", wtimeout=10_000)
+
+
+def _closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (it was free a moment ago)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+UNREACHABLE = f"mongodb://127.0.0.1:{_closed_port()}/"
+
+
+def _with_database(uri: str, database: str) -> str:
+    """``uri`` (as the session fixture gives it) with ``database`` in its path."""
+    scheme, _, rest = uri.partition("://")
+    address, _, tail = rest.partition("/")
+    return f"{scheme}://{address}/{database}{tail}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -127,8 +145,8 @@ def test_find_mongod_nothing_found_names_the_three_ways(
 
 
 def test_fixture_uri_names_the_replica_set(lockable_mongod_uri: str):
-    if os.environ.get("MONGODB_URI"):
-        pytest.skip("MONGODB_URI names an external server")
+    if os.environ.get(plugin.URI_ENV):
+        pytest.skip(f"{plugin.URI_ENV} names an external server")
     assert lockable_mongod_uri.startswith("mongodb://127.0.0.1:")
     assert lockable_mongod_uri.endswith("/?replicaSet=rs0")
 
@@ -208,13 +226,6 @@ def test_lockable_db_runs_on_both(lockable_db: LockableDB, request: pytest.Fixtu
     assert [d.name for d in HarnessDoc.objects] == [lockable_db.backend]
 
 
-def test_uri_database():
-    assert _uri_database("mongodb://127.0.0.1:1,127.0.0.1:2/?replicaSet=rs0") is None
-    assert _uri_database("mongodb://h:27017") is None
-    assert _uri_database("mongodb+srv://u:p@cluster.example.net/") is None
-    assert _uri_database("mongodb://u:p@h1,h2/mine?authSource=admin") == "mine"
-
-
 # -- the plugin, run the way a user runs it ----------------------------------------
 
 INNER_TESTS = """
@@ -250,7 +261,9 @@ def test_plugin_end_to_end(
 ):
     names = tmp_path / "db-names.txt"
     pytester.makepyfile(textwrap.dedent(INNER_TESTS).replace("{names!r}", repr(str(names))))
-    monkeypatch.setenv("MONGODB_URI", lockable_mongod_uri)
+    monkeypatch.setenv(plugin.URI_ENV, lockable_mongod_uri)
+    # The application's own server setting is not the test server.
+    monkeypatch.setenv("MONGODB_URI", UNREACHABLE)
 
     result = pytester.runpytest_subprocess("-v", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=4)
@@ -280,7 +293,7 @@ def test_plugin_without_mongod_skips_or_fails(
             pass
         """
     )
-    monkeypatch.delenv("MONGODB_URI", raising=False)
+    monkeypatch.delenv(plugin.URI_ENV, raising=False)
     monkeypatch.setenv("MONGOD_BINARY", str(tmp_path / "missing-mongod"))
 
     monkeypatch.delenv("LOCKABLE_REQUIRE_MONGOD", raising=False)
@@ -292,6 +305,228 @@ def test_plugin_without_mongod_skips_or_fails(
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["*missing-mongod*LOCKABLE_REQUIRE_MONGOD*"])
+
+
+def test_plugin_unreachable_server_fails_fast_with_the_variable_named(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+):
+    pytester.makepyfile(
+        """
+        def test_one(lockable_real_db):
+            pass
+
+        def test_two(lockable_db):
+            pass
+
+        def test_three(lockable_mongod_uri):
+            pass
+        """
+    )
+    monkeypatch.setenv(plugin.URI_ENV, "mongodb://user:secret@" + UNREACHABLE.split("//", 1)[1])
+    began = time.monotonic()
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    took = time.monotonic() - began
+    # test_two runs on mongomock too; every real-server test errors.
+    result.assert_outcomes(passed=1, errors=3)
+    result.stdout.fnmatch_lines(
+        [f"*{plugin.URI_ENV} names 127.0.0.1:*, which did not answer a ping within 2 s*"]
+    )
+    assert "secret" not in result.stdout.str()
+    # One ping for the session (cached), not a driver timeout per test.
+    assert took < 20, f"the run took {took:.1f}s"
+
+
+def test_plugin_rejects_a_uri_that_is_not_mongodb(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+):
+    pytester.makepyfile("def test_one(lockable_real_db):\n    pass\n")
+    monkeypatch.setenv(plugin.URI_ENV, "http://127.0.0.1/")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([f"*{plugin.URI_ENV}: not a MongoDB URI*"])
+
+
+def test_plugin_uses_the_uri_database_as_the_prefix(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    lockable_mongod_uri: str,
+    client: MongoClient[dict[str, object]],
+):
+    pytester.makepyfile(
+        """
+        import mongoengine
+
+        def test_names(lockable_real_db, lockable_mongod_uri):
+            assert lockable_real_db.db_name.startswith("myapp_tests_")
+            assert len(lockable_real_db.db_name) == len("myapp_tests_") + 12
+            assert "/myapp_tests" not in lockable_mongod_uri
+            assert mongoengine.get_db().name == lockable_real_db.db_name
+        """
+    )
+    monkeypatch.setenv(plugin.URI_ENV, _with_database(lockable_mongod_uri, "myapp_tests"))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert not [n for n in client.list_database_names() if n.startswith("myapp_tests")]
+
+
+USER_CONNECTION_TESTS = """
+    import mongoengine
+    import pytest
+    from pymongo import MongoClient
+
+    USER_URI = {uri!r}
+
+    class Note(mongoengine.Document):
+        text = mongoengine.StringField()
+
+    # The application connects at import time, as many do.
+    USER_CLIENT = mongoengine.connect("user_app_db", host=USER_URI, alias={alias!r})
+
+    def test_mongomock(lockable_mongomock_db):
+        Note(text="mock").save()
+        assert type(mongoengine.get_connection({alias!r})).__module__.startswith("mongomock")
+
+    def test_real(lockable_real_db):
+        Note(text="real").save()
+        assert mongoengine.get_db({alias!r}).name == lockable_real_db.db_name
+
+    @pytest.mark.parametrize("lockable_db", ["mongomock"], indirect=True)
+    def test_both_kinds(lockable_db):
+        Note(text="again").save()
+
+    def test_the_user_connection_is_back():
+        assert mongoengine.get_connection({alias!r}) is USER_CLIENT
+        assert mongoengine.get_db({alias!r}).name == "user_app_db"
+        # The client was not closed: it still talks to its server.
+        USER_CLIENT.user_app_db.probe.insert_one({{"ok": 1}})
+        Note(text="user").save()
+        assert [n.text for n in Note.objects] == ["user"]
+        USER_CLIENT.drop_database("user_app_db")
+"""
+
+
+@pytest.mark.parametrize("alias", ["default", "app"])
+def test_plugin_sets_the_users_connection_aside_and_restores_it(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, lockable_mongod_uri: str, alias: str
+):
+    body = textwrap.dedent(USER_CONNECTION_TESTS).format(uri=lockable_mongod_uri, alias=alias)
+    if alias != "default":
+        body = body.replace(
+            "text = mongoengine.StringField()",
+            f"text = mongoengine.StringField()\n    meta = {{'db_alias': {alias!r}}}",
+        )
+    pytester.makepyfile(body)
+    monkeypatch.setenv(plugin.URI_ENV, lockable_mongod_uri)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--lockable-alias={alias}")
+    result.assert_outcomes(passed=4)
+
+
+def test_set_aside_in_process_keeps_the_client_open(lockable_mongod_uri: str):
+    alias = f"harness_user_{os.getpid()}"
+    user_client = mongoengine.connect(
+        "harness_user_db", host=lockable_mongod_uri, alias=alias, uuidRepresentation="standard"
+    )
+
+    class AliasDoc(mongoengine.Document):
+        meta = {"db_alias": alias, "collection": "alias_doc"}
+
+    try:
+        AliasDoc().save()  # caches the user's collection on the class
+        fixture = plugin._connected(
+            "mongomock",
+            None,
+            alias,
+            "lockable_test",
+            host="mongodb://localhost",
+            mongo_client_class=mongomock.MongoClient,
+        )
+        db = next(fixture)
+        assert AliasDoc.objects.count() == 0  # the test's own, empty database
+        assert isinstance(mongoengine.get_connection(alias), mongomock.MongoClient)
+        with pytest.raises(StopIteration):
+            next(fixture)
+        assert db.alias == alias
+        assert mongoengine.get_connection(alias) is user_client
+        assert AliasDoc.objects.count() == 1
+        user_client.admin.command("ping")  # not closed
+    finally:
+        user_client.drop_database("harness_user_db")
+        mongoengine.disconnect(alias)
+
+
+ALIAS_TESTS = """
+    import mongoengine
+    import pytest
+
+    class Report(mongoengine.Document):
+        meta = {"db_alias": "reports"}
+
+    def test_configured_alias(lockable_mongomock_db, lockable_alias):
+        assert lockable_alias == lockable_mongomock_db.alias == "reports"
+        Report().save()
+        assert Report._get_db().name == lockable_mongomock_db.db_name
+        # Nothing was registered under the default alias.
+        with pytest.raises(mongoengine.connection.ConnectionFailure):
+            mongoengine.get_connection("default")
+
+    @pytest.mark.parametrize("lockable_alias", ["other"])
+    def test_parametrized_alias(lockable_mongomock_db):
+        assert lockable_mongomock_db.alias == "other"
+        assert mongoengine.get_db("other").name == lockable_mongomock_db.db_name
+"""
+
+
+def test_plugin_alias_from_ini_option_and_parametrize(pytester: pytest.Pytester):
+    pytester.makepyfile(textwrap.dedent(ALIAS_TESTS))
+    pytester.makeini("[pytest]\nlockable_alias = reports\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    # The command line wins over the ini file.
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--lockable-alias=default")
+    result.assert_outcomes(passed=1, failed=1)
+
+
+def test_plugin_rejects_an_empty_alias(pytester: pytest.Pytester):
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--lockable-alias= ")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*lockable alias must be a non-empty string*"])
+
+
+def test_fixture_level_alias_is_checked(pytester: pytest.Pytester):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.parametrize("lockable_alias", [""])
+        def test_bad(lockable_mongomock_db):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*ValueError: the lockable alias must be a non-empty string*"])
+
+
+def test_missing_mongomock_skips_or_fails(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+):
+    pytester.makeconftest(
+        """
+        import sys
+        sys.modules["mongomock"] = None  # as if it were not installed
+        """
+    )
+    pytester.makepyfile("def test_mock(lockable_mongomock_db):\n    pass\n")
+    monkeypatch.delenv(plugin.REQUIRE_ENV, raising=False)
+    result = pytester.runpytest_subprocess("-rs", "-p", "no:cacheprovider")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*SKIPPED*mongomock cannot be imported*"])
+
+    monkeypatch.setenv(plugin.REQUIRE_ENV, "1")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*mongomock cannot be imported*LOCKABLE_REQUIRE_MONGOD*"])
 
 
 # -- MongodReplicaSet -------------------------------------------------------------

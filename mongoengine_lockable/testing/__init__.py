@@ -6,8 +6,8 @@
   127.0.0.1 in a temporary directory, and stops it by pid.
 - The pytest plugin (:mod:`mongoengine_lockable.testing.plugin`, registered by
   the ``pytest11`` entry point) provides ``lockable_mongod_uri``,
-  ``lockable_real_db``, ``lockable_mongomock_db`` and ``lockable_db``; the
-  database fixtures yield a :class:`LockableDB`.
+  ``lockable_real_db``, ``lockable_mongomock_db``, ``lockable_db`` and
+  ``lockable_alias``; the database fixtures yield a :class:`LockableDB`.
 
 Importing this package needs neither pytest nor the test extras.
 """

@@ -278,7 +278,7 @@ class MongodReplicaSet:
         """Stop every member by pid and remove the temporary directory.
 
         Each member gets ``SIGCONT`` (in case it is paused), then ``SIGTERM``;
-        one still running after :attr:`stop_timeout` seconds gets ``SIGKILL``.
+        one still running after ``stop_timeout`` seconds gets ``SIGKILL``.
         Safe to call more than once.
         """
         members = [m for m in self._members if m.process is not None]

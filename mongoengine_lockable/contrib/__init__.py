@@ -1,0 +1,1 @@
+"""Optional integrations; each module needs a package the core does not."""
