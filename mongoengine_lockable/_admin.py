@@ -112,7 +112,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     out = Out(json_mode=args.json)
     mongo = console.client(args.uri)
     try:
-        db = mongo[console.database_name(mongo, args.db)]
+        db = mongo[console.database_name(args.uri, args.db)]
         coll, name, kind_of = _target(args, db)
         documents = bool(args.collection)
         flt = DOCUMENT.listed(args.all) if documents else {}
@@ -177,7 +177,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     out = Out(json_mode=args.json)
     mongo = console.client(args.uri)
     try:
-        db = mongo[console.database_name(mongo, args.db)]
+        db = mongo[console.database_name(args.uri, args.db)]
         coll, name, kind_of = _target(args, db)
         if args.collection:
             candidates = list(dict.fromkeys([_parse_id(args.target), args.target]))

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from pymongo import MongoClient
 from pymongo.errors import ConfigurationError, ConnectionFailure, PyMongoError
 
+from ._uri import UriDatabase, split_uri_database
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -169,24 +171,16 @@ def client(uri: str | None) -> MongoClient[dict[str, Any]]:
         raise CliError(f"bad --uri: {one_line(str(exc))}", 2) from None
 
 
-def without_database(uri: str) -> str:
-    """``uri`` without the database in its path, which would otherwise override
-    the demo's fresh database in MongoEngine's ``connect``. A database that
-    also served as the authentication database stays that, as ``authSource``.
+def split(uri: str) -> UriDatabase:
+    """The server and database of a URI from the command line, by the rule
+    the pytest plugin uses too (:func:`~mongoengine_lockable._uri.split_uri_database`).
+
+    :raises CliError: a URI that is not a MongoDB URI or names a bad database.
     """
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        return uri
-    address, slash, path = rest.partition("/")
-    if not slash:
-        return uri
-    database, question, query = path.partition("?")
-    if not database:
-        return uri
-    options = [part for part in query.split("&") if part] if question else []
-    if "@" in address and not any(o.lower().startswith("authsource=") for o in options):
-        options.append(f"authSource={database}")
-    return f"{scheme}://{address}/" + ("?" + "&".join(options) if options else "")
+    try:
+        return split_uri_database(uri)
+    except ValueError as exc:
+        raise CliError(f"bad --uri: {exc}", 2) from None
 
 
 def unreachable(uri: str | None, exc: PyMongoError) -> CliError:
@@ -196,16 +190,15 @@ def unreachable(uri: str | None, exc: PyMongoError) -> CliError:
     return CliError(f"cannot reach MongoDB at {where}: {one_line(reason)}", 2)
 
 
-def database_name(mongo: MongoClient[dict[str, Any]], name: str | None) -> str:
+def database_name(uri: str, name: str | None) -> str:
     """The database a command works on: ``--db``, else the one the URI names."""
     if name:
         return name
-    try:
-        default = mongo.get_default_database()
-    except ConfigurationError:
+    database = split(uri).database
+    if database is None:
         raise CliError("no database: pass --db NAME or name one in the URI "
-                       "(mongodb://HOST/NAME)", 2) from None
-    return str(default.name)
+                       "(mongodb://HOST/NAME)", 2)
+    return database
 
 
 def ping(uri: str) -> None:

@@ -26,7 +26,7 @@ from ._console import (
     one_line,
     ping,
     sigterm_unwinds,
-    without_database,
+    split,
 )
 from ._demo import CronReport, JobsProgress, JobsReport
 
@@ -40,7 +40,7 @@ def _demo_server(uri: str | None, out: Out) -> Iterator[tuple[str, bool]]:
     """Yield ``(uri, embedded)``: the given server, or a throw-away ``mongod``
     (a single-node replica set) that is stopped afterwards."""
     if uri:
-        uri = without_database(uri)
+        uri = split(uri).server
         ping(uri)
         out.line(f"MongoDB: {hosts(uri)}",
                  f"[bold]MongoDB[/]: {escape(hosts(uri))}" if out.rich else None)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from mongoengine.errors import InvalidQueryError, LookUpError, ValidationError
 from mongoengine.fields import DateTimeField, DictField, IntField, ListField, StringField
-from mongoengine.queryset import transform
+from mongoengine.queryset import QuerySet, QuerySetManager, transform
 from pymongo.write_concern import WriteConcern
 
 from . import _args
@@ -46,6 +46,34 @@ class _MixinMeta:
         if instance is None and cls is self._owner:
             return dict(self._meta)
         raise AttributeError("meta")
+
+
+def _qualified(cls: Any) -> str:
+    if cls is LockableQuerySet:
+        return "LockableQuerySet"
+    name = getattr(cls, "__qualname__", repr(cls))
+    module = getattr(cls, "__module__", "")
+    return name if module in ("", "__main__", "builtins") else f"{module}.{name}"
+
+
+def _declared_querysets(cls: type) -> list[type]:
+    """The queryset classes that the bases of ``cls`` declare: in their
+    ``meta`` (MongoEngine's merged ``_meta`` or a plain mixin's ``meta``), or as
+    the default of a queryset manager (django-mongoengine's ``objects``)."""
+    found: list[type] = []
+    for base in cls.__mro__[1:]:
+        if base is LockableMixin:
+            continue
+        for name in ("_meta", "meta"):
+            declared = base.__dict__.get(name)
+            if isinstance(declared, dict) and isinstance(declared.get("queryset_class"), type):
+                found.append(declared["queryset_class"])
+        for value in base.__dict__.values():
+            default = getattr(value, "default", None)
+            if isinstance(value, QuerySetManager) and isinstance(default, type) and \
+                    default is not QuerySet:
+                found.append(default)
+    return found
 
 
 def executor_of(doc_cls: Any, collection: Any | None = None) -> SyncIO:
@@ -156,17 +184,24 @@ class LockableMixin:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         meta = cls.__dict__.get("_meta")
-        queryset_class = meta.get("queryset_class") if isinstance(meta, dict) else None
-        if queryset_class is not None and not (
-            isinstance(queryset_class, type) and issubclass(queryset_class, LockableQuerySet)
-        ):
-            name = getattr(queryset_class, "__name__", repr(queryset_class))
+        if not isinstance(meta, dict):
+            return
+        final = meta.get("queryset_class") or LockableQuerySet
+        # Every queryset class the bases ask for (in their meta, or as the
+        # default of a framework's manager) must survive in the final one.
+        wanted = [LockableQuerySet, *_declared_querysets(cls)]
+        lost = [q for q in dict.fromkeys(wanted)
+                if not (isinstance(final, type) and issubclass(final, q))]
+        if lost:
+            others = [q for q in dict.fromkeys([final, *wanted[1:], *lost])
+                      if isinstance(q, type) and q not in (LockableQuerySet, QuerySet)]
+            names = ", ".join(_qualified(q) for q in others)
             raise TypeError(
-                f"{cls.__name__}: meta['queryset_class'] is {name}, which is not a "
-                f"LockableQuerySet, so {cls.__name__}.objects would lose claim(), "
-                "unlocked() and locked(). Combine the two: "
-                f"class {cls.__name__}QuerySet(LockableQuerySet, {name}): pass, and set "
-                f"meta = {{'queryset_class': {cls.__name__}QuerySet}}"
+                f"{cls.__name__}.objects would be a {_qualified(final)}, "
+                f"losing the methods of {', '.join(_qualified(q) for q in lost)} "
+                "(LockableQuerySet has claim(), unlocked() and locked()). Combine them: "
+                f"class {cls.__name__}QuerySet(LockableQuerySet, {names or '...'}): pass, "
+                f"and set meta = {{'queryset_class': {cls.__name__}QuerySet}}"
             )
 
     # -- plumbing -------------------------------------------------------------

@@ -64,9 +64,16 @@ def flask_models() -> Any:
 
 def test_flask_document_without_the_combined_queryset_is_refused(flask_models: Any):
     # The framework's Document first: its BaseQuerySet would win.
-    with pytest.raises(TypeError, match=r"class PlainQuerySet\(LockableQuerySet, BaseQuerySet\)"):
+    with pytest.raises(TypeError,
+                       match=r"class PlainQuerySet\(LockableQuerySet, [\w.]*BaseQuerySet\)"):
 
         class Plain(flask_models.db.Document, LockableMixin):
+            pass
+
+    # The mixin first: LockableQuerySet would win, and paginate() vanish.
+    with pytest.raises(TypeError, match=r"losing the methods of [\w.]*BaseQuerySet"):
+
+        class MixinFirst(LockableMixin, flask_models.db.Document):
             pass
 
 
@@ -180,6 +187,13 @@ DJANGO_TESTS = """
 
     def test_the_application_connection_is_back():
         assert mongoengine.connection._connection_settings["default"]["name"] == "django_app"
+
+    def test_without_the_combined_queryset_it_is_refused():
+        # django-mongoengine's manager supplies its queryset class: mixing in
+        # alone would silently replace it.
+        with pytest.raises(TypeError, match=r"losing the methods of django_mongoengine"):
+            class Bare(LockableMixin, Document):
+                title = fields.StringField()
 """
 
 
@@ -190,15 +204,16 @@ def test_django_recipe(
     pytester.makepyfile(textwrap.dedent(DJANGO_TESTS))
     monkeypatch.setenv(plugin.URI_ENV, lockable_mongod_uri)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    # test_both_sets_of_methods on mongomock and on the real server, then the check.
-    result.assert_outcomes(passed=3)
+    # test_both_sets_of_methods on mongomock and on the real server, then the checks.
+    result.assert_outcomes(passed=4)
 
 
 def test_plain_mongoengine_queryset_class_is_refused():
     class OwnQuerySet(mongoengine.QuerySet):
         pass
 
-    with pytest.raises(TypeError, match=r"class SomeDocQuerySet\(LockableQuerySet, OwnQuerySet\)"):
+    with pytest.raises(TypeError,
+                       match=r"class SomeDocQuerySet\(LockableQuerySet, [\w.<>]*OwnQuerySet\)"):
 
         class SomeDoc(LockableMixin, mongoengine.Document):
             meta = {"queryset_class": OwnQuerySet}
