@@ -516,10 +516,14 @@ class Lease:
         assert result.doc is not None
         view = self.kind.view(result.doc, result.now, ask.ticket)
         sent, server_now = seen
-        left = ask.ms
+        left = granted = ask.ms
         if view.until is not None and server_now is not None:
             until_ms = (view.until - naive_utc(server_now)) / timedelta(milliseconds=1)
             left = min(ask.ms, int(until_ms))
+        if view.until is not None and result.now is not None:
+            # What was left when the record was read (for a hand-off seen in
+            # its change event: when it was made).
+            granted = int((view.until - naive_utc(result.now)) / timedelta(milliseconds=1))
         self.held = Held(
             owner=ask.owner,
             ticket=ask.ticket,
@@ -530,7 +534,7 @@ class Lease:
             until=view.until,
             # Handed over by another's write: granted for a short while only,
             # until this holder confirms it (see PICKUP_MS).
-            confirm=ask.ms > PICKUP_MS >= left,
+            confirm=ask.ms > PICKUP_MS >= granted,
         )
         self.had_lease = True
         self.fence = self.held.fence

@@ -241,3 +241,27 @@ def test_keepalive_on_a_lease_of_years_keeps_running() -> None:
     for thread in threads:
         thread.join(5)
         assert not thread.is_alive()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("lockable_db")
+def test_a_handed_over_lease_is_confirmed_to_its_full_duration() -> None:
+    """A release hands the lease to the waiter for a short pickup term; the
+    new holder confirms it to the duration it asked for at once."""
+    from mongoengine_lockable._rules import PICKUP_MS
+
+    job = HoldJob(payload="x").save()
+    holder = HoldJob.objects.get(pk=job.pk)
+    assert holder.lock(30)
+    threading.Timer(0.5, holder.release).start()
+    assert job.lock(30, wait=10) is True
+    deadline = time.monotonic() + 10
+    while job.lease_remaining() < 25:  # confirmed by a renewal from a thread
+        assert time.monotonic() < deadline, job.lease_remaining()
+        time.sleep(0.01)
+    stored = HoldJob._get_collection().find_one({"_id": job.pk})
+    assert stored["lock_token"] == job.lock_token
+    time.sleep(PICKUP_MS / 1000 + 0.3)  # past the pickup term: still ours
+    assert job.owns_lock() is True
+    job.update_if_held(set__payload="done")
+    job.release()
