@@ -615,3 +615,30 @@ def test_three_members_fail_over_when_the_primary_freezes(mongod_binary: str, tm
     for member in members:
         assert member.pid is not None and not _pid_alive(member.pid)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_documents_of_the_same_name_all_follow_the_fixture_database(pytester) -> None:
+    """Two document classes with one class name (a test's and an example's):
+    MongoEngine's registry by name knows only the last one, yet each test's
+    fresh database must be the one both use."""
+    pytester.makepyfile(
+        """
+        from mongoengine import Document, StringField
+
+        def make(collection):
+            return type("Twin", (Document,), {"name": StringField(),
+                                              "meta": {"collection": collection}})
+
+        FIRST, SECOND = make("first"), make("second")
+
+        def test_one(lockable_db):
+            FIRST(name="a").save()
+            SECOND(name="b").save()
+            assert FIRST.objects.count() == SECOND.objects.count() == 1
+
+        def test_two(lockable_db):
+            assert FIRST.objects.count() == SECOND.objects.count() == 0
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4)

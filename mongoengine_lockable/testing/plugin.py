@@ -256,16 +256,27 @@ def _alias_set_aside(alias: str) -> Iterator[None]:
 
 
 def _forget_collections(alias: str) -> None:
+    """Drop the collection cached on every document class of ``alias``.
+
+    Every subclass of ``Document`` is visited, not MongoEngine's registry of
+    classes by name: two classes with one name (a test's ``Job`` and an
+    example's) would leave one of them pointing at an old database.
+    """
     from mongoengine import Document
-    from mongoengine.base.common import _document_registry
     from mongoengine.connection import DEFAULT_CONNECTION_NAME
 
-    for registered in list(_document_registry.values()):
-        if not (isinstance(registered, type) and issubclass(registered, Document)):
-            continue  # embedded documents have no collection
-        doc_cls: Any = registered
-        if doc_cls._meta.get("db_alias", DEFAULT_CONNECTION_NAME) == alias:
-            doc_cls._collection = None  # as Document._disconnect() does
+    seen: set[type] = set()
+    stack: list[type] = [Document]
+    while stack:
+        for subclass in stack.pop().__subclasses__():
+            if subclass in seen:
+                continue
+            seen.add(subclass)
+            stack.append(subclass)
+            doc_cls: Any = subclass
+            meta = getattr(doc_cls, "_meta", None) or {}
+            if meta.get("db_alias", DEFAULT_CONNECTION_NAME) == alias:
+                doc_cls._collection = None  # as Document._disconnect() does
 
 
 def _connected(
