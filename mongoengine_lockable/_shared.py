@@ -69,23 +69,14 @@ class NamedSemaphore(NamedFace):
         an ``int``, or below 1).
     """
 
-    def __init__(
-        self,
-        name: str,
-        limit: int,
-        duration: _args.Duration = 60,
-        *,
-        owner: str | None = None,
-        wait: _args.Duration | None = 0,
-        keepalive: bool = False,
-        alias: str = "default",
-        collection: str = DEFAULT_COLLECTION,
-        write_concern: WriteConcern | None = None,
-    ) -> None:
-        settings = NamedSettings.check(
-            name, duration, owner=owner, wait=wait, keepalive=keepalive, alias=alias,
-            collection=collection, write_concern=write_concern,
-        )
+    def __init__(self, name: str, limit: int, duration: _args.Duration = 60, *,
+                 owner: str | None = None, wait: _args.Duration | None = 0,
+                 keepalive: bool = False, alias: str = "default",
+                 collection: str = DEFAULT_COLLECTION,
+                 write_concern: WriteConcern | None = None) -> None:
+        settings = NamedSettings.check(name, duration, owner=owner, wait=wait,
+                                       keepalive=keepalive, alias=alias, collection=collection,
+                                       write_concern=write_concern)
         self.limit = _args.count(limit, "limit")
         super().__init__(settings, SharedKind.semaphore(self.limit),
                          f"semaphore {settings.name!r}")
@@ -148,21 +139,14 @@ class ReadWriteLock:
     :raises TypeError, ValueError: bad arguments.
     """
 
-    def __init__(
-        self,
-        name: str,
-        duration: _args.Duration = 60,
-        *,
-        wait: _args.Duration | None = 0,
-        keepalive: bool = False,
-        alias: str = "default",
-        collection: str = DEFAULT_COLLECTION,
-        write_concern: WriteConcern | None = None,
-    ) -> None:
-        self._settings = NamedSettings.check(
-            name, duration, owner=None, wait=wait, keepalive=keepalive, alias=alias,
-            collection=collection, write_concern=write_concern,
-        )
+    def __init__(self, name: str, duration: _args.Duration = 60, *,
+                 wait: _args.Duration | None = 0, keepalive: bool = False,
+                 alias: str = "default", collection: str = DEFAULT_COLLECTION,
+                 write_concern: WriteConcern | None = None) -> None:
+        # Checked now (no I/O); each holder gets these with its own owner.
+        self._settings = NamedSettings.check(name, duration, owner=None, wait=wait,
+                                             keepalive=keepalive, alias=alias,
+                                             collection=collection, write_concern=write_concern)
         self.name = self._settings.name
 
     def __repr__(self) -> str:
