@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -193,16 +194,35 @@ def test_renewal_extends_a_share_and_an_expired_one_is_not_revived(lockable_db: 
 
 def test_an_expired_share_frees_its_slot(lockable_db: Any) -> None:
     first = NamedSemaphore("expiry", 1, 0.3)
+    before = time.monotonic()  # the grant, and so its end, come later
     assert first.acquire()
-    started = time.monotonic()
     second = NamedSemaphore("expiry", 1, 5)
     assert second.acquire(wait=5)
-    assert time.monotonic() - started >= 0.2
+    assert time.monotonic() - before >= 0.25
     assert NamedSemaphore.holders("expiry") == [second.owner]
     assert second.fence is not None and first.fence is not None and second.fence > first.fence
     with pytest.raises(LockNotOwnedError):
         first.release()
     second.release()
+
+
+def test_an_idle_record_is_left_to_the_ttl_index(lockable_db: Any) -> None:
+    """Released by everyone, the record's ``locked_until`` is the time of the
+    last write: the collection's TTL index removes it after its grace period
+    (while held, it is the latest holder's end, never in the past)."""
+    coll = lockable_db.database[DEFAULT_COLLECTION]
+    a, b = NamedSemaphore("ttl", 2, 30), NamedSemaphore("ttl", 2, 60)
+    assert a.acquire() and b.acquire()
+    held = coll.find_one({"_id": "ttl"})
+    assert held["locked_until"] == max(h["u"] for h in held["holders"])
+    a.release()
+    b.release()
+    idle = coll.find_one({"_id": "ttl"})
+    assert idle["holders"] == []
+    # The time of the release, not a holder's end: well before the 30 s lease's.
+    assert idle["locked_until"] < min(h["u"] for h in held["holders"]) - timedelta(seconds=20)
+    ttl = [i for i in coll.index_information().values() if "expireAfterSeconds" in i]
+    assert [i["key"] for i in ttl] == [[("locked_until", 1)]]
 
 
 def test_names_belong_to_one_kind_of_lock(lockable_db: Any) -> None:
