@@ -9,6 +9,7 @@ pipelines have holders to go through. Rounds of the two alternate in one
 run, and the ratio of their medians is printed last.
 
     python benchmarks/semaphore.py [--uri URI] [--rounds 15] [--cycles 200] [--w 1]
+                                   [--limit 3] [--others 1]
 
 Without ``--uri`` (or ``MONGODB_URI``) a temporary single-node replica set is
 started from the embedded mongod.
@@ -16,21 +17,18 @@ started from the embedded mongod.
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import time
 from contextlib import ExitStack
-from typing import Callable
+from typing import Callable, Union
 
 import mongoengine
+from lock_cycle import connect, cycle_arguments, interleaved, write_concern_option
 from pymongo import WriteConcern
 
 from mongoengine_lockable import NamedLock, NamedSemaphore
 from mongoengine_lockable._named import DEFAULT_COLLECTION
 
 
-def cycle_of(lock: NamedLock | NamedSemaphore) -> Callable[[], None]:
+def cycle_of(lock: Union[NamedLock, NamedSemaphore]) -> Callable[[], None]:
     def cycle() -> None:
         assert lock.acquire()
         lock.release()
@@ -38,33 +36,16 @@ def cycle_of(lock: NamedLock | NamedSemaphore) -> Callable[[], None]:
     return cycle
 
 
-def per_cycle(cycle: Callable[[], None], n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        cycle()
-    return (time.perf_counter() - start) / n
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--uri", default=os.environ.get("MONGODB_URI"))
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--cycles", type=int, default=200)
+    parser = cycle_arguments(__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=3)
     parser.add_argument("--others", type=int, default=1,
                         help="other live holders of the semaphore during the run")
-    parser.add_argument("--w", default="majority", help="write concern: majority or a number")
     args = parser.parse_args()
-    w = int(args.w) if args.w.isdigit() else args.w
+    w = write_concern_option(args)
     concern = WriteConcern(w)
     with ExitStack() as stack:
-        uri = args.uri
-        if not uri:
-            from mongoengine_lockable.testing import MongodReplicaSet
-
-            uri = stack.enter_context(MongodReplicaSet(1)).uri
-        mongoengine.connect(db="lockable_bench", host=uri)
-        stack.callback(mongoengine.disconnect)
+        connect(stack, args.uri)
         records = mongoengine.get_db()[DEFAULT_COLLECTION]
         records.drop()
         stack.callback(records.drop)
@@ -75,15 +56,9 @@ def main() -> None:
         semaphore = cycle_of(NamedSemaphore("bench-semaphore", args.limit, 30,
                                             write_concern=concern))
         lock = cycle_of(NamedLock("bench-lock", 30, write_concern=concern))
-        for warm in (semaphore, lock):
-            per_cycle(warm, args.cycles // 4 or 1)
-        sem_t, lock_t = [], []
-        for _ in range(args.rounds):
-            sem_t.append(per_cycle(semaphore, args.cycles))
-            lock_t.append(per_cycle(lock, args.cycles))
+        s, n = interleaved(semaphore, lock, args.rounds, args.cycles)
         for other in others:
             other.release()
-    s, n = statistics.median(sem_t), statistics.median(lock_t)
     print(f"NamedSemaphore acquire+release: {s * 1e6:8.1f} us/cycle  ({1 / s:7.0f} cycles/s)"
           f"  limit {args.limit}, {args.others} other holder(s)")
     print(f"NamedLock acquire+release:      {n * 1e6:8.1f} us/cycle  ({1 / n:7.0f} cycles/s)")

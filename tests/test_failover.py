@@ -336,18 +336,9 @@ def assert_within_limit(holds: list[dict[str, Any]], limit: int, what: str) -> N
     """At no instant are more than ``limit`` of the intervals [t_acquired,
     t_release_start] open; fences are unique, and a hold acquired before
     another was attempted has the smaller fence."""
-    events = sorted([(h["t_acquired"], 1) for h in holds]
-                    + [(h["t_release_start"], -1) for h in holds])
-    most = current = 0
-    for _, step in events:  # at equal times an end sorts before a start
-        current += step
-        most = max(most, current)
+    most = _children.max_overlap([(h["t_acquired"], h["t_release_start"]) for h in holds])
     assert most <= limit, f"{what}: {most} completed holds at once (limit {limit})"
-    fences = [h["fence"] for h in holds]
-    assert len(set(fences)) == len(fences), f"{what}: fences not unique"
-    backwards = [(a, b) for a in holds for b in holds
-                 if a["t_acquired"] < b["t_try"] and a["fence"] >= b["fence"]]
-    assert not backwards, f"{what}: fences not increasing with grants: {backwards[:3]}"
+    _children.assert_fences_follow_grants(holds, returned="t_acquired")
 
 
 def test_limit_check_catches_too_many_holders_and_fences() -> None:

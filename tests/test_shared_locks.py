@@ -49,20 +49,17 @@ from mongoengine_lockable import (
 )
 from mongoengine_lockable._named import DEFAULT_COLLECTION
 
-from _children import Children, hear, ready_then_wait_for_go, run_worker, say
+from _children import (
+    Children,
+    assert_fences_follow_grants,
+    hear,
+    max_overlap,
+    ready_then_wait_for_go,
+    run_worker,
+    say,
+)
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def max_overlap(intervals: list[tuple[float, float]]) -> int:
-    """The most intervals ``(start, end)`` open at one instant. Touching
-    intervals (one ends where the next starts) do not overlap."""
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    most = current = 0
-    for _, step in events:  # at equal times an end (-1) sorts before a start
-        current += step
-        most = max(most, current)
-    return most
 
 
 def test_max_overlap_counts_what_is_open_at_once() -> None:
@@ -72,23 +69,18 @@ def test_max_overlap_counts_what_is_open_at_once() -> None:
     assert max_overlap([(0, 5), (1, 2), (3, 4)]) == 2
 
 
-def assert_fences_follow_grants(holds: list[dict[str, Any]]) -> None:
-    """Fences are unique, and a hold whose acquisition returned before another
-    acquisition was attempted has the smaller fence."""
-    fences = [h["fence"] for h in holds]
-    assert all(isinstance(f, int) for f in fences)
-    assert len(set(fences)) == len(fences), "fences are not unique"
-    by_return = sorted(holds, key=lambda h: h["t_acq"])
-    by_try = sorted(holds, key=lambda h: h["t_try"])
-    # For each hold b: every a that returned before b was tried has a smaller
-    # fence, i.e. the largest such fence is below b's.
-    highest, i = None, 0
-    for b in by_try:
-        while i < len(by_return) and by_return[i]["t_acq"] < b["t_try"]:
-            f = by_return[i]["fence"]
-            highest = f if highest is None else max(highest, f)
-            i += 1
-        assert highest is None or highest < b["fence"], (highest, b)
+def test_fence_check_catches_duplicates_and_late_fences() -> None:
+    def hold(t_try: float, t_acq: float, fence: int) -> dict[str, Any]:
+        return {"t_try": t_try, "t_acq": t_acq, "fence": fence}
+
+    # Concurrent attempts may be granted in either order.
+    assert_fences_follow_grants([hold(0, 2, 5), hold(1, 3, 4), hold(4, 5, 6)])
+    with pytest.raises(AssertionError, match="not unique"):
+        assert_fences_follow_grants([hold(0, 1, 5), hold(2, 3, 5)])
+    with pytest.raises(AssertionError, match="not increasing"):
+        assert_fences_follow_grants([hold(0, 1, 5), hold(2, 3, 4)])
+    with pytest.raises(AssertionError, match="not increasing"):
+        assert_fences_follow_grants([hold(0, 1, 9), hold(0.5, 5, 3), hold(2, 3, 7)])
 
 
 def queued(name: str, count: int, timeout: float = 10.0) -> None:
@@ -352,37 +344,30 @@ def test_threads_never_exceed_the_limit(lockable_db: Any) -> None:
     """Threads take a semaphore of limit 2 over and over (polling on
     mongomock, change streams on the server): never more than 2 inside."""
     threads_count, rounds, limit = 5, 8, 2
-    inside = 0
-    most = 0
+    inside = most = 0
     guard = threading.Lock()
-    errors: list[BaseException] = []
     fences: list[int] = []
     barrier = threading.Barrier(threads_count)
 
     def work() -> None:
         nonlocal inside, most
-        try:
-            sem = NamedSemaphore("threads", limit, 30)
-            barrier.wait(timeout=30)
-            for _ in range(rounds):
-                assert sem.acquire(wait=60) is True
-                with guard:
-                    inside += 1
-                    most = max(most, inside)
-                    fences.append(sem.fence)  # type: ignore[arg-type]
-                time.sleep(0.01)
-                with guard:
-                    inside -= 1
-                sem.release()
-        except BaseException as exc:
-            errors.append(exc)
+        sem = NamedSemaphore("threads", limit, 30)
+        barrier.wait(timeout=30)
+        for _ in range(rounds):
+            assert sem.acquire(wait=60) is True
+            with guard:
+                inside += 1
+                most = max(most, inside)
+                fences.append(sem.fence)  # type: ignore[arg-type]
+            time.sleep(0.01)
+            with guard:
+                inside -= 1
+            sem.release()
 
-    threads = [threading.Thread(target=work) for _ in range(threads_count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
+    started = [in_thread(work) for _ in range(threads_count)]
+    for thread, out in started:
         thread.join(timeout=100)
-    assert not errors, errors
+        assert out == [None], out
     assert most == limit
     assert len(set(fences)) == threads_count * rounds
 
