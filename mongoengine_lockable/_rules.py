@@ -33,6 +33,9 @@ A lease record holds, besides the caller's own fields:
 Every write that changes the queue or frees the lease *settles* it: if the
 lease is free, it goes to the oldest live waiter in that same write. A caller
 that does not wait takes a free lease only when nobody is queued for it.
+
+Shared leases (semaphores, read/write locks) keep several holders, each with
+its own lease and fence, in one record: see :class:`SharedKind`.
 """
 
 from __future__ import annotations
