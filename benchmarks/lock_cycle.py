@@ -71,36 +71,58 @@ def per_cycle(cycle: Callable[[], None], n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cycle_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of a cycle benchmark: ``--uri``, ``--rounds``, ``--cycles``, ``--w``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--uri", default=os.environ.get("MONGODB_URI"))
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--cycles", type=int, default=200)
     parser.add_argument("--w", default="majority", help="write concern: majority or a number")
-    args = parser.parse_args()
-    w = int(args.w) if args.w.isdigit() else args.w
+    return parser
+
+
+def write_concern_option(args: argparse.Namespace) -> int | str:
+    return int(args.w) if args.w.isdigit() else args.w
+
+
+def connect(stack: ExitStack, uri: str | None) -> None:
+    """Connect MongoEngine to ``uri``, or to a single-node replica set started
+    from the embedded mongod for the run (``stack`` stops it)."""
+    if not uri:
+        from mongoengine_lockable.testing import MongodReplicaSet
+
+        uri = stack.enter_context(MongodReplicaSet(1)).uri
+    mongoengine.connect(db="lockable_bench", host=uri)
+    stack.callback(mongoengine.disconnect)
+
+
+def interleaved(
+    first: Callable[[], None], second: Callable[[], None], rounds: int, cycles: int
+) -> tuple[float, float]:
+    """Warm both up, then alternate rounds of ``cycles`` of each: the median
+    seconds per cycle of each."""
+    for warm in (first, second):
+        per_cycle(warm, cycles // 4 or 1)
+    first_t, second_t = [], []
+    for _ in range(rounds):
+        first_t.append(per_cycle(first, cycles))
+        second_t.append(per_cycle(second, cycles))
+    return statistics.median(first_t), statistics.median(second_t)
+
+
+def main() -> None:
+    args = cycle_arguments(__doc__.splitlines()[0]).parse_args()
+    w = write_concern_option(args)
     BenchJob.lock_write_concern = WriteConcern(w)
     with ExitStack() as stack:
-        uri = args.uri
-        if not uri:
-            from mongoengine_lockable.testing import MongodReplicaSet
-
-            uri = stack.enter_context(MongodReplicaSet(1)).uri
-        mongoengine.connect(db="lockable_bench", host=uri)
-        stack.callback(mongoengine.disconnect)
+        connect(stack, args.uri)
         BenchJob.drop_collection()
         ours_doc = BenchJob(payload="ours").save()
         raw_doc = BenchJob(payload="raw").save()
         ours = ours_cycle(ours_doc)
         raw = raw_cycle(BenchJob._get_collection(), raw_doc.pk, w)
-        for warm in (ours, raw):
-            per_cycle(warm, args.cycles // 4 or 1)
-        ours_t, raw_t = [], []
-        for _ in range(args.rounds):
-            ours_t.append(per_cycle(ours, args.cycles))
-            raw_t.append(per_cycle(raw, args.cycles))
+        o, r = interleaved(ours, raw, args.rounds, args.cycles)
         BenchJob.drop_collection()
-    o, r = statistics.median(ours_t), statistics.median(raw_t)
     print(f"lock()+release():       {o * 1e6:8.1f} us/cycle  ({1 / o:7.0f} cycles/s)")
     print(f"raw pymongo pair:       {r * 1e6:8.1f} us/cycle  ({1 / r:7.0f} cycles/s)")
     print(f"write concern w={w}")

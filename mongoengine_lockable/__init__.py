@@ -19,6 +19,7 @@ from ._errors import LockError, LockNotOwnedError, LockUnavailableError, Unsaved
 from ._mixin import LockableMixin
 from ._named import NamedLock, exclusive
 from ._queryset import LockableQuerySet
+from ._shared import NamedSemaphore, ReadWriteLock
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,8 @@ __all__ = [
     "LockableMixin",
     "LockableQuerySet",
     "NamedLock",
+    "NamedSemaphore",
+    "ReadWriteLock",
     "UnsavedDocumentError",
     "__version__",
     "exclusive",

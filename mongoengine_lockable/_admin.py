@@ -32,15 +32,18 @@ DOCUMENT = DocumentKind()
 _COLOURS = {"held": "green", "kept": "cyan", "expired": "yellow", "released": "dim", "free": "dim"}
 
 
-def _row(kind: Kind, doc: dict[str, Any], now: Any) -> dict[str, Any]:
-    """One record as listed: the kind's description, ready for JSON."""
-    row = kind.describe(doc, now)
-    ident = row["id"]
-    row["id"] = str(ident) if isinstance(ident, ObjectId) else ident
-    row["locked_until"] = iso(row["locked_until"])
-    row["acquired_at"] = iso(row["acquired_at"])
-    row.pop("finished", None)
-    return row
+def _rows(kind: Kind, doc: dict[str, Any], now: Any) -> list[dict[str, Any]]:
+    """A record as listed (one row per holder): its kind's description, ready
+    for JSON."""
+    rows = []
+    for row in kind.rows(doc, now):
+        ident = row["id"]
+        row["id"] = str(ident) if isinstance(ident, ObjectId) else ident
+        row["locked_until"] = iso(row["locked_until"])
+        row["acquired_at"] = iso(row["acquired_at"])
+        row.pop("finished", None)
+        rows.append(row)
+    return rows
 
 
 def _remaining_text(row: dict[str, Any]) -> str:
@@ -52,6 +55,16 @@ def _remaining_text(row: dict[str, Any]) -> str:
     if row["state"] == "expired" and left is not None:
         return f"ended {-left:.1f} s ago"
     return "-"
+
+
+def _owner_text(row: dict[str, Any]) -> str:
+    """The owner column: a shared lock's holders say which kind they hold."""
+    owner = str(row["owner"] or "-")
+    if row.get("mode"):
+        return f"{owner} ({row['mode']})"
+    if row["kind"] == "semaphore" and row["owner"]:
+        return f"{owner} (1 of {row.get('limit')})"
+    return owner
 
 
 def _holder_text(row: dict[str, Any]) -> str:
@@ -119,7 +132,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         limit = args.limit + 1 if args.limit else 0
         found = run(records(flt, [(DOCUMENT.layout.until, -1), ("_id", 1)], limit),
                     executor_for(coll))
-        rows = [_row(kind_of(r.doc), r.doc, r.now) for r in found if r.doc is not None]
+        rows = [row for r in found if r.doc is not None
+                for row in _rows(kind_of(r.doc), r.doc, r.now)]
         unleased = documents and not rows and coll.count_documents(
             {"$or": [{f: {"$exists": True}} for f in DOCUMENT.layout.all]}, limit=1) == 0
     finally:
@@ -143,7 +157,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                "fence", "waiting"]
     table = [
         [
-            str(r["id"]), r["state"], _remaining_text(r), str(r["owner"] or "-"),
+            str(r["id"]), r["state"], _remaining_text(r), _owner_text(r),
             str(r["host"] or "-"), "-" if r["pid"] is None else str(r["pid"]),
             "-" if r["fence"] is None else str(r["fence"]), str(r["waiters"] or "-"),
         ]
@@ -194,21 +208,31 @@ def cmd_release(args: argparse.Namespace) -> int:
         if seen is None or seen.doc is None:
             raise CliError(f"no {what}", 1)
         kind = kind_of(seen.doc)
-        before = _row(kind, seen.doc, seen.now)
+        rows = _rows(kind, seen.doc, seen.now)
+        owner = getattr(args, "owner", None)
+        if owner is not None:
+            rows = [r for r in rows if r["owner"] == owner] or [
+                {**rows[0], "state": "free", "owner": None, "host": None, "pid": None}]
+        tickets = kind.holder_tickets(seen.doc, seen.now, owner)
+        if len(tickets) > 1:
+            owners = ", ".join(sorted({str(r["owner"]) for r in rows}))
+            raise CliError(f"the {what} has {len(tickets)} holders ({owners}): pick one with "
+                           "--owner OWNER", 2)
+        before = rows[0]
         holder = _holder_text(before)
-        view = kind.view(seen.doc, seen.now)
+        held = bool(tickets)
         after = None
-        if view.held and args.yes:
+        if held and args.yes:
             match = {"_id": seen.doc["_id"]}
-            result = run(force_release(kind, match, view.ticket), io)
+            result = run(force_release(kind, match, tickets[0]), io)
             if result.doc is None:
                 raise CliError(f"the lease on the {what} changed while it was being released "
                                "(another holder, a renewal or a release): run the command again",
                                1)
-            after = _row(kind, result.doc, result.now)
+            after = _rows(kind, result.doc, result.now)[0]
     finally:
         mongo.close()
-    if not view.held:
+    if not held:
         if args.json:
             out.dump({"action": "none", "db": db.name, "collection": name, "previous": before,
                       **{k: before[k] for k in ("kind", "id", "fence")}})
@@ -220,7 +244,8 @@ def cmd_release(args: argparse.Namespace) -> int:
                        "add --yes to clear it", 2)
     assert after is not None
     log.warning("forced release of the %s: %s", what, holder)
-    passed = after["state"] == "held"
+    passed = after["state"] == "held" and after["owner"] != before["owner"] and \
+        before.get("mode") is None and before["kind"] != "semaphore"
     if args.json:
         out.dump({"action": "released", "db": db.name, "collection": name, "previous": before,
                   "now": after, **{k: before[k] for k in ("kind", "id", "fence")}})

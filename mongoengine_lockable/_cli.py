@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="really do it; without it, release only shows whose lease it "
                          "would clear and exits with status 2")
     _add_target(release)
+    release.add_argument("--owner", metavar="OWNER",
+                         help="a semaphore's or read/write lock's holder to evict (needed "
+                         "when it has several)")
     release.add_argument("--json", action="store_true", help="print what was done as JSON")
     return parser
 

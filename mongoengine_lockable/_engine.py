@@ -575,11 +575,8 @@ class Lease:
                 yield self._modify(clear.filter, clear.update)
             raise self.not_owned("release", holding.owner)
         held_for = None if own is None else self.clock() - own.anchor
-        # Released by owner name: the fence is the record's, unless the lease
-        # passed to a waiter (then it is the waiter's, and ours is unknown).
-        fence = own.fence if own is not None else (
-            None if result.doc.get(self.kind.layout.token) else
-            result.doc.get(self.kind.layout.fence))
+        # Released by owner name: the kind tells what the record shows of it.
+        fence = own.fence if own is not None else self.kind.released_fence(result.doc)
         self._stored(result, False)
         self._send("lock_released", owner=holding.owner, fence=fence, held_for=held_for)
         return result
@@ -633,7 +630,7 @@ class Lease:
         if own is not None:
             view = self.kind.view(result.doc, result.now, own.ticket)
             own.anchor, own.term, own.until, own.confirm = sent, ms, view.until, False
-        fence = own.fence if own is not None else result.doc.get(self.kind.layout.fence)
+        fence = own.fence if own is not None else self.kind.holder_fence(result.doc, holding)
         self._stored(result, False)
         self._send("lock_renewed", owner=holding.owner, fence=fence)
         return result

@@ -364,6 +364,16 @@ def _concat_arrays(arg: Any, ctx: _Context, env: dict[str, Any]) -> Any:
     return result
 
 
+def _concat(arg: Any, ctx: _Context, env: dict[str, Any]) -> Any:
+    values = _args(arg, ctx, env)
+    if any(v is None or v is MISSING for v in values):
+        return None
+    for value in values:
+        if not isinstance(value, str):
+            raise TypeError(f"$concat needs strings, not {type(value).__name__}")
+    return "".join(values)
+
+
 def _in(arg: Any, ctx: _Context, env: dict[str, Any]) -> bool:
     value, array = _args(arg, ctx, env)
     return any(compare(value, item) == 0 for item in _array(array, "$in"))
@@ -431,6 +441,7 @@ _OPERATORS: dict[str, Callable[[Any, _Context, dict[str, Any]], Any]] = {
     "$arrayElemAt": _array_elem_at,
     "$slice": _slice,
     "$concatArrays": _concat_arrays,
+    "$concat": _concat,
     "$in": _in,
     "$sum": _sum,
     "$mergeObjects": _merge_objects,

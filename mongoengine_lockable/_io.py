@@ -153,6 +153,23 @@ class SyncIO:
         server evaluates ``$$NOW``)."""
         return flt
 
+    def _reread(
+        self, raw: Mapping[str, Any], request: Modify, session: Any
+    ) -> dict[str, Any] | None:
+        """The answer of a write whose reply came without its projection.
+
+        When a retryable error (a fail-over, a write concern error) ended the
+        first attempt of a ``findAndModify`` that the server had applied, the
+        driver's retry is answered from the stored image of that first write:
+        the record as written, without the projection, so without the
+        server's time. The record is read again from the primary, with it.
+        """
+        log.warning("a retried write came back without its projection; reading the record")
+        key = {"_id": raw["_id"]} if "_id" in raw else request.filter
+        found: dict[str, Any] | None = self.collection.find_one(key, RESULT_PROJECTION,
+                                                                session=session)
+        return found
+
     def do(self, request: Any, session: Any, wakers: list[Any]) -> Any:
         if isinstance(request, Modify):
             options: dict[str, Any] = {}
@@ -168,6 +185,8 @@ class SyncIO:
                     sort=request.sort, upsert=request.upsert,
                     return_document=ReturnDocument.AFTER, session=session, **options,
                 )
+                if raw is not None and NOW_KEY not in raw:
+                    raw = self._reread(raw, request, session)
             return _result(raw)
         if isinstance(request, ModifyMany):
             return self.collection.update_many(request.filter, request.update,

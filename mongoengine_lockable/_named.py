@@ -24,6 +24,7 @@ import logging
 import string
 import threading
 import weakref
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Callable, TypeVar
 
@@ -35,9 +36,9 @@ from . import _args
 from ._engine import Lease, look
 from ._io import checked_write_concern, executor_for, run
 from ._keepalive import BlockingLease
-from ._rules import NamedKind, View, host_and_pid, new_owner
+from ._rules import Kind, NamedKind, View, host_and_pid, new_owner
 
-__all__ = ["DEFAULT_COLLECTION", "NamedLock", "exclusive"]
+__all__ = ["DEFAULT_COLLECTION", "NamedFace", "NamedLock", "NamedSettings", "exclusive"]
 
 log = logging.getLogger("mongoengine_lockable.named")
 
@@ -93,7 +94,175 @@ def view_of(kind: Any, name: str, alias: str, collection: str) -> View:
     return run(look(kind, {"_id": name}), executor_for(coll))
 
 
-class NamedLock:
+@dataclass(frozen=True)
+class NamedSettings:
+    """The checked arguments every named face takes (see :meth:`check`)."""
+
+    name: str
+    ms: int
+    owner: str | None
+    wait: float | None
+    keepalive: bool
+    alias: str
+    collection: str
+    write_concern: WriteConcern
+
+    @classmethod
+    def check(
+        cls,
+        name: object,
+        duration: object,
+        *,
+        owner: object,
+        wait: object,
+        keepalive: object,
+        alias: object,
+        collection: object,
+        write_concern: object,
+    ) -> NamedSettings:
+        """Check the arguments of a named face, before any I/O.
+
+        :raises TypeError, ValueError: a bad argument.
+        """
+        return cls(
+            name=_args.lock_name(name),
+            ms=_args.duration_ms(duration),
+            owner=_args.owner_string(owner),
+            wait=_args.wait_seconds(wait),
+            keepalive=_args.flag(keepalive, "keepalive"),
+            alias=_args.text(alias, "alias"),
+            collection=_args.collection_name(collection),
+            write_concern=checked_write_concern(write_concern, "write_concern"),
+        )
+
+
+Face = TypeVar("Face", bound="NamedFace")
+
+
+class NamedFace:
+    """A blocking handle on one named record (a lock, a semaphore's share, a
+    reader or writer): the methods every named face has, over a
+    :class:`~mongoengine_lockable._engine.Lease` of the record's ``kind``.
+
+    :param settings: the checked arguments.
+    :param kind: the rules of the record.
+    :param what: how the record is named in messages (``"lock 'nightly'"``).
+    """
+
+    def __init__(self, settings: NamedSettings, kind: Kind, what: str) -> None:
+        self.name = name = settings.name
+        self._ms = settings.ms
+        self.owner = settings.owner or new_owner()
+        self.wait = settings.wait
+        self.keepalive = settings.keepalive
+        self.alias = settings.alias
+        self.collection = settings.collection
+        self._write_concern = settings.write_concern
+        ref = weakref.ref(self)
+        self._lease = Lease(
+            kind,
+            {"_id": name},
+            what=what,
+            target=name,
+            subject=lambda: (ref(), {"name": name}),
+        )
+        self._handle: BlockingLease | None = None
+
+    def _details(self) -> str:
+        """What :meth:`__repr__` shows besides the name, owner and fence."""
+        return ""
+
+    def __repr__(self) -> str:
+        state = "held" if self._lease.held is not None else "not held"
+        return (f"<{type(self).__name__} {self.name!r}{self._details()} owner={self.owner!r} "
+                f"fence={self.fence} {state}>")
+
+    @property
+    def duration(self) -> float:
+        """The lease's length in seconds."""
+        return self._ms / 1000
+
+    @property
+    def fence(self) -> int | None:
+        """The fence of this instance's latest grant; ``None`` before the first.
+        It only ever increases for a name."""
+        return self._lease.fence
+
+    def _blocking(self) -> BlockingLease:
+        handle = self._handle
+        if handle is not None and handle.io.source.database is get_db(self.alias):
+            return handle  # the same connection as last time
+        coll = records(self.alias, self.collection)
+        if handle is None or not _same(handle.io.source, coll):
+            io = executor_for(coll, self._write_concern)
+            if handle is None:
+                handle = self._handle = BlockingLease(self._lease, io)
+            else:
+                handle.io = io
+        return handle
+
+    def acquire(self, *, wait: _args.Duration | None = _DEFAULT) -> bool:
+        """Take the lease.
+
+        One conditional upsert per attempt; waiting callers queue in the record
+        and are served first come, first served.
+
+        :param wait: seconds to wait (``None``: no limit); default the
+            instance's ``wait``.
+        :return: ``True`` if this instance now holds the lease.
+        :raises LockError: the name belongs to another kind of lock.
+        """
+        wait_s = self.wait if wait is _DEFAULT else _args.wait_seconds(wait)
+        result = self._blocking().acquire(self.owner, self._ms, wait=wait_s,
+                                          keepalive=self.keepalive, extra=host_and_pid())
+        return result is not None
+
+    def release(self) -> None:
+        """Release the lease now; waiting callers it makes room for get it in
+        the same write.
+
+        :raises LockNotOwnedError: this instance does not hold it now
+            (never acquired, released, expired or taken over).
+        """
+        self._blocking().release()
+
+    def renew(self, duration: _args.Duration | None = None) -> None:
+        """Extend the held lease to now + ``duration`` (default: the
+        instance's), keeping its fence.
+
+        :raises LockNotOwnedError: not held now (an expired lease is not revived).
+        """
+        ms = self._ms if duration is None else _args.duration_ms(duration)
+        self._blocking().renew(ms)
+
+    def locked(self) -> bool:
+        """Read the primary: does anyone hold it now?"""
+        return self._blocking().look().held
+
+    def owned(self) -> bool:
+        """Read the primary: does this instance hold it now?"""
+        return self._blocking().owned()
+
+    def remaining(self) -> float:
+        """Seconds this instance may still count on its lease, with no I/O (see
+        :meth:`LockableMixin.lease_remaining`); ``0.0`` when not held."""
+        return self._lease.remaining()
+
+    def __enter__(self: Face) -> Face:
+        if not self.acquire():
+            raise self._lease.unavailable()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class NamedLock(NamedFace):
     """An advisory lock by name, held by at most one owner at a time::
 
         lock = NamedLock("nightly-report", duration=60)
@@ -106,7 +275,8 @@ class NamedLock:
     Not re-entrant: while held, a second ``acquire`` fails, even from this
     instance. Callers that wait are served first come, first served.
     Constructing one does no I/O; acquire, release and renew each send one
-    ``findAndModify`` per attempt.
+    ``findAndModify`` per attempt. ``with lock:`` acquires with the default
+    ``wait`` or raises :class:`LockUnavailableError`, and releases on exit.
 
     :param name: the lock's name, a non-empty ``str`` of at most 1000 characters.
     :param duration: the lease's length, counted from each grant.
@@ -137,55 +307,16 @@ class NamedLock:
         collection: str = DEFAULT_COLLECTION,
         write_concern: WriteConcern | None = None,
     ) -> None:
-        self.name = name = _args.lock_name(name)
-        self._ms = _args.duration_ms(duration)
-        self.owner = _args.owner_string(owner) or new_owner()
-        self.wait = _args.wait_seconds(wait)
-        self.keepalive = _args.flag(keepalive, "keepalive")
+        settings = NamedSettings.check(
+            name, duration, owner=owner, wait=wait, keepalive=keepalive, alias=alias,
+            collection=collection, write_concern=write_concern,
+        )
         hold = _args.seconds_at_least_zero(min_hold, "min_hold")
         min_hold_ms = round(hold * 1000)
-        if min_hold_ms > self._ms:
-            raise ValueError(f"min_hold ({hold} s) must not exceed duration ({self._ms / 1000} s)")
-        self.alias = _args.text(alias, "alias")
-        self.collection = _args.collection_name(collection)
-        self._write_concern = checked_write_concern(write_concern, "write_concern")
-        ref = weakref.ref(self)
-        self._lease = Lease(
-            NamedKind(min_hold_ms),
-            {"_id": self.name},
-            what=f"lock {self.name!r}",
-            target=self.name,
-            subject=lambda: (ref(), {"name": name}),
-        )
-        self._handle: BlockingLease | None = None
-
-    def __repr__(self) -> str:
-        state = "held" if self._lease.held is not None else "not held"
-        return f"<NamedLock {self.name!r} owner={self.owner!r} fence={self.fence} {state}>"
-
-    @property
-    def duration(self) -> float:
-        """The lease's length in seconds."""
-        return self._ms / 1000
-
-    @property
-    def fence(self) -> int | None:
-        """The fence of this instance's latest grant; ``None`` before the first.
-        It only ever increases for a name."""
-        return self._lease.fence
-
-    def _blocking(self) -> BlockingLease:
-        handle = self._handle
-        if handle is not None and handle.io.source.database is get_db(self.alias):
-            return handle  # the same connection as last time
-        coll = records(self.alias, self.collection)
-        if handle is None or not _same(handle.io.source, coll):
-            io = executor_for(coll, self._write_concern)
-            if handle is None:
-                handle = self._handle = BlockingLease(self._lease, io)
-            else:
-                handle.io = io
-        return handle
+        if min_hold_ms > settings.ms:
+            raise ValueError(
+                f"min_hold ({hold} s) must not exceed duration ({settings.ms / 1000} s)")
+        super().__init__(settings, NamedKind(min_hold_ms), f"lock {settings.name!r}")
 
     def acquire(self, *, wait: _args.Duration | None = _DEFAULT) -> bool:
         """Take the lock.
@@ -197,10 +328,7 @@ class NamedLock:
             ``wait``.
         :return: ``True`` if this instance now holds the lock.
         """
-        wait_s = self.wait if wait is _DEFAULT else _args.wait_seconds(wait)
-        result = self._blocking().acquire(self.owner, self._ms, wait=wait_s,
-                                          keepalive=self.keepalive, extra=host_and_pid())
-        return result is not None
+        return super().acquire(wait=wait)
 
     def release(self) -> None:
         """Release the lock (kept until ``min_hold`` after the grant, if set;
@@ -209,41 +337,7 @@ class NamedLock:
         :raises LockNotOwnedError: this instance does not hold it now
             (never acquired, released, expired or taken over).
         """
-        self._blocking().release()
-
-    def renew(self, duration: _args.Duration | None = None) -> None:
-        """Extend the held lock to now + ``duration`` (default: the lock's).
-
-        :raises LockNotOwnedError: not held now (an expired lock is not revived).
-        """
-        ms = self._ms if duration is None else _args.duration_ms(duration)
-        self._blocking().renew(ms)
-
-    def locked(self) -> bool:
-        """Read the primary: does anyone hold this lock now?"""
-        return self._blocking().look().held
-
-    def owned(self) -> bool:
-        """Read the primary: does this instance hold the lock now?"""
-        return self._blocking().owned()
-
-    def remaining(self) -> float:
-        """Seconds this instance may still count on the lock, with no I/O (see
-        :meth:`LockableMixin.lease_remaining`); ``0.0`` when not held."""
-        return self._lease.remaining()
-
-    def __enter__(self) -> NamedLock:
-        if not self.acquire():
-            raise self._lease.unavailable()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
+        super().release()
 
     @staticmethod
     def owner_of(

@@ -33,11 +33,15 @@ A lease record holds, besides the caller's own fields:
 Every write that changes the queue or frees the lease *settles* it: if the
 lease is free, it goes to the oldest live waiter in that same write. A caller
 that does not wait takes a free lease only when nobody is queued for it.
+
+Shared leases (semaphores, read/write locks) keep several holders, each with
+its own lease and fence, in one record: see :class:`SharedKind`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 from collections.abc import Mapping
@@ -60,6 +64,7 @@ __all__ = [
     "Kind",
     "Layout",
     "NamedKind",
+    "SharedKind",
     "View",
     "combine",
 ]
@@ -645,9 +650,35 @@ class Kind:
         """Host and pid of the holder, where the record tells them."""
         return doc.get("host"), doc.get("pid")
 
+    def rows(self, doc: Mapping[str, Any], now: datetime | None) -> list[dict[str, Any]]:
+        """The record as an operator lists it: one :meth:`describe` row per
+        holder (one row for a single-holder lease)."""
+        return [self.describe(doc, now)]
+
+    def holder_tickets(self, doc: Mapping[str, Any], now: datetime | None,
+                       owner: str | None = None) -> list[str]:
+        """The tickets of the grants holding the lease now (of ``owner`` only,
+        when given): what a forced release may end."""
+        view = self.view(doc, now)
+        if not view.held or view.ticket is None:
+            return []
+        return [view.ticket] if owner is None or view.holder == owner else []
+
 
     def _foreign(self, doc: Mapping[str, Any]) -> str | None:
         return None
+
+    def released_fence(self, doc: Mapping[str, Any]) -> int | None:
+        """The fence of a lease released by its owner's name (not through the
+        handle that acquired it), as the record ``doc`` shows it after the
+        release; ``None`` when unknown (the lease passed to a waiter, whose
+        fence the record shows now)."""
+        return None if doc.get(self.layout.token) else doc.get(self.layout.fence)
+
+    def holder_fence(self, doc: Mapping[str, Any], holding: Holding) -> int | None:
+        """The fence of the lease ``holding`` names, as the record ``doc``
+        shows it after a renewal."""
+        return doc.get(self.layout.fence)
 
     def protected(self) -> frozenset[str]:
         """Fields that only lease operations may change."""
@@ -734,11 +765,456 @@ class NamedKind(Kind):
         return None if kind == self.name else str(kind)
 
 
+# -- shared leases: semaphores and read/write locks ------------------------------------
+
+#: The capacity of a read/write lock: a reader weighs 1, a writer all of it.
+RW_CAPACITY = 10**9
+#: The capacity a forced grant is checked against: none.
+_UNLIMITED = 2**62
+
+SHARED_LAYOUT = Layout("locked_until", "holders", "fence", "granted", "stamp", "waiters")
+
+
+def _scratch(key: str) -> str:
+    """A field of the scratch field, as a key (the reference is ``"$" + key``)."""
+    return f"{TMP}.{key}"
+
+
+def _s(key: str) -> str:
+    """A reference to the scratch field's ``key``."""
+    return "$" + _scratch(key)
+
+
+class SharedKind(Kind):
+    """The record of a shared lease: a :class:`~mongoengine_lockable.NamedSemaphore`
+    or a :class:`~mongoengine_lockable.ReadWriteLock`, one per name (upserted)
+    in the named-lock collection::
+
+        {_id: "exports", kind: "semaphore", limit: 3, fence: 1795379760221,
+         holders: [{o: owner, t: ticket, f: fence, u: until, at: granted at,
+                    w: weight, ms: duration, host: "web-1", pid: 4242}, ...],
+         waiters: [{t, o, ms, a, x, w}, ...], granted: " t1 t2 ",
+         stamp: "...", locked_until: <date>}
+
+    A capacity is shared by holders of some weight: a semaphore of limit N has
+    capacity N and holders of weight 1; a read/write lock has capacity
+    :data:`RW_CAPACITY`, readers of weight 1 and writers of weight
+    :data:`RW_CAPACITY`. Each holder has its own lease (``u``, on the
+    server's clock) and fence; the live holders are those with ``u > $$NOW``.
+
+    - A caller that does not wait is admitted if nobody live is queued and its
+      weight fits beside the live holders'.
+    - Every write that changes the queue or frees capacity admits the longest
+      first-come-first-served prefix of live waiters that fits (each becomes
+      a holder with its own duration and the next fence, and leaves the
+      queue). A waiting writer therefore keeps later readers out (writer
+      preference), and a large waiter is not overtaken by small ones.
+    - Fences: each grant gets ``max(fence + 1, $$NOW in ms)``, several
+      admitted by one write consecutive values after it; ``fence`` keeps the
+      last one. Unique and increasing per name, also after the TTL index
+      removed an idle record.
+    - ``granted`` names (between spaces) the tickets the write admitted, and
+      is removed by a write that admits nobody: a waiter's change stream
+      matches its own ticket there (a string, since the change event of an
+      array is reported as a diff of its elements, which a ``$match`` cannot
+      select).
+    - ``locked_until`` is the latest end among the live holders, or the
+      write's time when there are none: the TTL index of the collection
+      removes idle records after its grace period and never a held one.
+    - ``stamp`` is the id of the last release (by the holder, or forced):
+      what an ambiguous release is resolved by. A grant is resolved by its
+      ticket among the holders.
+    - ``limit`` is the capacity; a caller with another capacity is refused
+      (as a record of another kind) while the record is in use.
+
+    :param tag: the ``kind`` stored in the record (``"semaphore"``, ``"rwlock"``).
+    :param capacity: the capacity (a semaphore's limit).
+    :param weight: the weight of the holders this kind's writes admit directly.
+    :param name: how the kind is named in messages (default ``tag``).
+    """
+
+    upsert = True
+    KIND_FIELD = NamedKind.KIND_FIELD
+    LIMIT_FIELD = "limit"
+
+    def __init__(self, tag: str, capacity: int, weight: int = 1, *,
+                 name: str | None = None) -> None:
+        self.layout = SHARED_LAYOUT
+        self.tag = tag
+        self.capacity = capacity
+        self.weight = weight
+        self.name = name or tag
+
+    @classmethod
+    def semaphore(cls, limit: int) -> SharedKind:
+        """The kind of a semaphore of ``limit`` holders."""
+        return cls("semaphore", limit, 1, name=f"semaphore of limit {limit}")
+
+    @classmethod
+    def reader(cls) -> SharedKind:
+        """The kind of a read/write lock's readers."""
+        return cls("rwlock", RW_CAPACITY, 1, name="read/write lock")
+
+    @classmethod
+    def writer(cls) -> SharedKind:
+        """The kind of a read/write lock's writers."""
+        return cls("rwlock", RW_CAPACITY, RW_CAPACITY, name="read/write lock")
+
+    # -- expressions ------------------------------------------------------------------
+
+    def _holders(self) -> Any:
+        """Expression: the live holders, before the write."""
+        return {"$filter": {"input": {"$ifNull": [_f(self.layout.owner), []]}, "as": "h",
+                            "cond": {"$gt": ["$$h.u", NOW]}}}
+
+    @staticmethod
+    def _is(holding: Holding | None, var: str = "$$h") -> Any:
+        """Expression: the holder entry ``var`` is the acquisition ``holding``
+        names (every entry when ``holding`` is ``None``)."""
+        if holding is None:
+            return True
+        if holding.ticket is not None:
+            return {"$eq": [var + ".t", _lit(holding.ticket)]}
+        return {"$eq": [var + ".o", _lit(holding.owner)]}
+
+    def _others(self, holding: Holding | None) -> Any:
+        """Expression: the live holders other than ``holding``'s entries."""
+        return {"$filter": {"input": self._holders(), "as": "h",
+                            "cond": {"$not": [self._is(holding)]}}}
+
+    def _holds(self, holding: Holding | None) -> Any:
+        """Expression: a live holder is the acquisition ``holding`` names."""
+        mine = {"$filter": {"input": self._holders(), "as": "h", "cond": self._is(holding)}}
+        return {"$gt": [{"$size": mine}, 0]}
+
+    def _idle(self) -> Any:
+        return {"$and": [{"$eq": [{"$size": self._holders()}, 0]},
+                         _nobody_waits(self.layout.waiters)]}
+
+    def _kind_ok(self) -> Any:
+        """Expression: the record is this kind's, with this capacity (another
+        capacity takes over only an idle record), or new (or an idle record of
+        a named lock stored before records named their kind)."""
+        stored = _f(self.KIND_FIELD)
+        same_capacity = {"$or": [
+            {"$eq": [{"$ifNull": [_f(self.LIMIT_FIELD), self.capacity]}, self.capacity]},
+            self._idle(),
+        ]}
+        fresh = {"$and": [{"$eq": [{"$ifNull": [stored, None]}, None]},
+                          _free(self.layout.until)]}
+        return {"$or": [{"$and": [{"$eq": [stored, self.tag]}, same_capacity]}, fresh]}
+
+    def _entry(self, ask: Ask) -> dict[str, Any]:
+        return {**super()._entry(ask), "w": self.weight}
+
+    def _admit(
+        self,
+        holders: Any,
+        queue: Any,
+        *,
+        rest: Any = None,
+        only_if_admitted: bool = False,
+        capacity: int | None = None,
+        stamp: str | None = None,
+        caller: str | None = None,
+    ) -> Pipeline:
+        """The pipeline of every write: the record gets the live ``holders``
+        (an expression on the record before the write) plus the longest prefix
+        of ``queue`` whose weights fit beside theirs; the rest of ``queue``,
+        then ``rest``, stay queued.
+
+        With ``only_if_admitted`` the write happens only if ``queue`` is not
+        empty and all of it is admitted (a direct grant). ``stamp`` marks a release.
+        A waiter admitted by another's write (not the ``caller``'s) gets its
+        duration only up to :data:`PICKUP_MS`, until it confirms the share. A record of
+        another kind (or capacity) is left as it was.
+        """
+        lay = self.layout
+        cap = self.capacity if capacity is None else capacity
+        handed = {"$min": ["$$this.ms", PICKUP_MS]}
+        term = handed if caller is None else _cond(
+            {"$eq": ["$$this.t", _lit(caller)]}, "$$this.ms", handed)
+        this_fits = {"$and": ["$$value.open",
+                              {"$lte": [{"$add": ["$$value.used", "$$this.w"]}, cap]}]}
+        grant = {"o": "$$this.o", "t": "$$this.t", "f": {"$add": ["$$value.f", 1]},
+                 "u": {"$add": [NOW, term]}, "at": NOW, "w": "$$this.w",
+                 "ms": "$$this.ms", "host": "$$this.x.host", "pid": "$$this.x.pid"}
+        admit = {"$reduce": {
+            "input": _s("q"),
+            "initialValue": {
+                "used": {"$sum": _s("h.w")},
+                # The first grant's fence is max(fence + 1, now in ms).
+                "f": {"$max": [{"$ifNull": [_f(lay.fence), 0]},
+                               {"$subtract": [{"$toLong": NOW}, 1]}]},
+                "take": [],
+                "open": _lit(True),
+            },
+            "in": {"$let": {"vars": {"fits": this_fits}, "in": _cond(
+                "$$fits",
+                {"used": {"$add": ["$$value.used", "$$this.w"]},
+                 "f": {"$add": ["$$value.f", 1]},
+                 "take": {"$concatArrays": ["$$value.take", [grant]]},
+                 "open": _lit(True)},
+                {"used": "$$value.used", "f": "$$value.f", "take": "$$value.take",
+                 "open": _lit(False)},
+            )}},
+        }}
+        taken = {"$size": _s("r.take")}
+        go: Any = _s("ok")
+        if only_if_admitted:
+            go = {"$and": [go, {"$gt": [taken, 0]},
+                           {"$eq": [taken, {"$size": _s("q")}]}]}
+        left = {"$slice": [_s("q"), taken, _ALL]}
+        if rest is not None:
+            left = {"$concatArrays": [left, rest]}
+        names = {"$reduce": {"input": _s("r.take"), "initialValue": " ",
+                             "in": {"$concat": ["$$value", "$$this.t", " "]}}}
+        changed: dict[str, Any] = {
+            lay.owner: _s("n"),
+            lay.waiters: _cond({"$eq": [{"$size": _s("w")}, 0]}, REMOVE, _s("w")),
+            lay.fence: _cond({"$gt": [_s("k"), 0]}, _s("r.f"), _f(lay.fence)),
+            lay.token: _cond({"$gt": [_s("k"), 0]}, names, REMOVE),
+            lay.until: {"$max": [NOW, {"$max": _s("n.u")}]},
+            self.KIND_FIELD: _lit(self.tag),
+            self.LIMIT_FIELD: self.capacity,
+        }
+        if stamp is not None:
+            changed[lay.stamp] = _lit(stamp)
+        return [
+            {"$set": {TMP: {"h": holders, "q": queue, "ok": self._kind_ok()}}},
+            {"$set": {_scratch("r"): admit}},
+            {"$set": {_scratch("n"): {"$concatArrays": [_s("h"), _s("r.take")]},
+                      _scratch("w"): left, _scratch("k"): taken, _scratch("go"): go}},
+            {"$set": {k: _cond(_s("go"), v, _f(k)) for k, v in changed.items()}},
+            {"$unset": TMP},
+        ]
+
+    # -- conditions ---------------------------------------------------------------------
+
+    def identity(self, holding: Holding) -> Filter:
+        """Filter: the acquisition ``holding`` names is among the holders
+        (expired or not)."""
+        if holding.ticket is not None:
+            return {self.layout.owner + ".t": holding.ticket}
+        return {self.layout.owner + ".o": holding.owner}
+
+    def holds(self, holding: Holding) -> Filter:
+        """Filter: the acquisition ``holding`` names (its ticket, or any of its
+        owner's) is among the live holders."""
+        return {"$expr": self._holds(holding)}
+
+    def granted(self, ticket: str) -> Filter:
+        """Filter (read back): the grant with ``ticket`` is a live holder."""
+        return self.holds(Holding("", ticket))
+
+    def granted_event(self, ticket: str) -> Filter:
+        """Change-stream filter: a write admitted ``ticket`` (its ``granted``
+        names it), or the record was deleted."""
+        among = {"$regex": re.escape(f" {ticket} ")}
+        granted = self.layout.token
+        return {"$or": [
+            {"operationType": "update", "updateDescription.updatedFields." + granted: among},
+            {"operationType": "replace", "fullDocument." + granted: among},
+            {"operationType": "delete"},
+        ]}
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def acquire(self, ask: Ask, mode: Mode) -> Command:
+        """Take a share of the capacity for ``ask`` (one ``findAndModify``).
+
+        ``try``: admitted if nobody live is queued and its weight fits beside
+        the live holders'; otherwise nothing is written. ``force``: admitted
+        whatever the capacity (the queue is kept). ``queue``: the caller's
+        place in the queue is taken or refreshed (unless it holds already),
+        then the longest prefix of live waiters that fits is admitted.
+
+        Filter: none (the record's match; the record is upserted). Update: the
+        decision is made in the pipeline (see :meth:`_admit`); dead holders
+        and waiters are dropped by every write.
+        """
+        waiters = _live(_f(self.layout.waiters))
+        entry = self._entry(ask)
+        if mode == "queue":
+            me = Holding(ask.owner, ask.ticket)
+            queue = _cond(self._holds(me), waiters, _with_entry(waiters, ask.ticket, entry))
+            return Command({}, self._admit(self._holders(), queue, caller=ask.ticket),
+                           self.upsert)
+        if mode == "force":
+            return Command({}, self._admit(self._holders(), [entry], rest=waiters,
+                                           only_if_admitted=True, capacity=_UNLIMITED,
+                                           caller=ask.ticket),
+                           self.upsert)
+        queue = _cond({"$eq": [{"$size": waiters}, 0]}, [entry], [])
+        return Command({}, self._admit(self._holders(), queue, only_if_admitted=True,
+                                       caller=ask.ticket),
+                       self.upsert)
+
+    def release(self, holding: Holding, stamp: str) -> Command:
+        """End the caller's share now, admitting waiters that now fit.
+
+        Filter: the acquisition ``holding`` names (its ticket, or its owner's
+        entries) is a live holder. Update: its entries leave the holders; the
+        longest prefix of live waiters that fits is admitted; ``stamp`` marks
+        the write.
+        """
+        return Command(self.holds(holding),
+                       self._admit(self._others(holding), _live(_f(self.layout.waiters)),
+                                   stamp=stamp))
+
+    def force_release(
+        self, stamp: str, ticket: str | None = None, *, owner: str | None = None
+    ) -> Command:
+        """End a holder's share whoever it is (an operator's last resort): the
+        grant ``ticket``, or the entries of ``owner``, or every holder when
+        neither is given; waiters that now fit are admitted.
+
+        Filter: such a live holder exists. Update: as :meth:`release`.
+        """
+        holding = None
+        if ticket is not None or owner is not None:
+            holding = Holding(owner or "", ticket)
+        return Command({"$expr": self._holds(holding)},
+                       self._admit(self._others(holding), _live(_f(self.layout.waiters)),
+                                   stamp=stamp))
+
+    def renew(self, holding: Holding, ms: int) -> Command:
+        """Extend the caller's share to now + ``ms``.
+
+        Filter: the caller is a live holder (an expired share is not revived).
+        Update: its entry's ``u`` (and ``locked_until``) follow; the fence is
+        kept; waiters that fit are admitted (a dead holder may have left room).
+        """
+        holders = {"$map": {"input": self._holders(), "as": "h", "in": _cond(
+            self._is(holding), {"$mergeObjects": ["$$h", {"u": {"$add": [NOW, ms]}}]}, "$$h")}}
+        return Command(self.holds(holding),
+                       self._admit(holders, _live(_f(self.layout.waiters))))
+
+    def leave(self, ticket: str) -> Command:
+        """A waiter gives up: it leaves the queue, and the waiters behind it
+        that now fit are admitted. Filter: none. Update: :meth:`_admit` with
+        the queue without ``ticket``."""
+        queue = _without(_live(_f(self.layout.waiters)), ticket)
+        return Command({}, self._admit(self._holders(), queue))
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def live_holders(self, doc: Mapping[str, Any], now: datetime | None) -> list[dict[str, Any]]:
+        """The holder entries of ``doc`` unexpired at the server time ``now``,
+        in the order of their grants."""
+        if now is None:
+            return []
+        at = naive_utc(now)
+        return [dict(h) for h in doc.get(self.layout.owner) or []
+                if isinstance(h.get("u"), datetime) and naive_utc(h["u"]) > at]
+
+    def view(self, doc: Mapping[str, Any] | None, now: datetime | None,
+             ticket: str | None = None) -> View:
+        """How the caller with ``ticket`` sees the record: ``mine`` when its
+        ticket is a live holder (``fence`` and ``until`` are then its entry's);
+        ``held`` when anyone is; ``holder`` the first live holder's owner;
+        ``time_left`` until the earliest live holder ends (when a head waiter
+        looks again)."""
+        if doc is None:
+            return View(exists=False, now=now)
+        live = self.live_holders(doc, now)
+        waiters = [w for w in doc.get(self.layout.waiters) or []
+                   if now is None or naive_utc(w.get("a", now)) > naive_utc(now)]
+        own = next((h for h in live if ticket is not None and h.get("t") == ticket), None)
+        first_end = min((naive_utc(h["u"]) for h in live), default=None)
+        until = naive_utc(own["u"]) if own is not None else first_end
+        return View(
+            exists=True,
+            now=now,
+            mine=own is not None,
+            held=bool(live),
+            holder=live[0].get("o") if live else None,
+            fence=int(own["f"]) if own is not None and own.get("f") is not None else None,
+            until=until,
+            head=bool(waiters) and waiters[0].get("t") == ticket,
+            queued=len(waiters),
+            time_left=(max(_ms_between(first_end, now), 0.0)
+                       if first_end is not None and now is not None else 0.0),
+            foreign=self._foreign_at(doc, now, bool(live) or bool(waiters)),
+        )
+
+    def _foreign_at(self, doc: Mapping[str, Any], now: datetime | None,
+                    busy: bool) -> str | None:
+        kind = doc.get(self.KIND_FIELD)
+        if kind is None:
+            until = doc.get(self.layout.until)
+            held = (isinstance(until, datetime) and now is not None
+                    and naive_utc(until) > naive_utc(now))
+            return NamedKind.name if held else None
+        if kind != self.tag:
+            return str(kind)
+        limit = doc.get(self.LIMIT_FIELD)
+        if busy and limit is not None and limit != self.capacity:
+            return f"{self.tag} of limit {limit}"
+        return None
+
+    def rows(self, doc: Mapping[str, Any], now: datetime | None) -> list[dict[str, Any]]:
+        """One row per live holder (``mode`` ``reader``/``writer`` for a
+        read/write lock), or one ``free`` row when nobody holds a share."""
+        live = self.live_holders(doc, now)
+        queued = self.view(doc, now).queued
+        base = {"kind": str(doc.get(self.KIND_FIELD, self.tag)), "id": doc.get("_id"),
+                "waiters": queued, "finished": False, "acquired_at": None,
+                "limit": doc.get(self.LIMIT_FIELD)}
+        if not live:
+            until = doc.get(self.layout.until)
+            return [{**base, "state": "free", "remaining": None, "owner": None, "host": None,
+                     "pid": None, "fence": doc.get(self.layout.fence),
+                     "locked_until": until, "mode": None}]
+        rows = []
+        for entry in live:
+            writer = self.tag == "rwlock" and entry.get("w", 1) >= RW_CAPACITY
+            rows.append({
+                **base,
+                "state": "held",
+                "remaining": None if now is None else round(_ms_between(entry["u"], now), 3),
+                "owner": entry.get("o"),
+                "host": entry.get("host"),
+                "pid": entry.get("pid"),
+                "fence": entry.get("f"),
+                "locked_until": entry.get("u"),
+                "acquired_at": entry.get("at"),
+                "mode": ("writer" if writer else "reader") if self.tag == "rwlock" else None,
+            })
+        return rows
+
+    def holder_tickets(self, doc: Mapping[str, Any], now: datetime | None,
+                       owner: str | None = None) -> list[str]:
+        return [str(h["t"]) for h in self.live_holders(doc, now)
+                if owner is None or h.get("o") == owner]
+
+    def released_fence(self, doc: Mapping[str, Any]) -> int | None:
+        return None  # the entry left the holders
+
+    def holder_fence(self, doc: Mapping[str, Any], holding: Holding) -> int | None:
+        for entry in doc.get(self.layout.owner) or []:
+            if (entry.get("t") == holding.ticket if holding.ticket is not None
+                    else entry.get("o") == holding.owner):
+                fence = entry.get("f")
+                return None if fence is None else int(fence)
+        return None
+
+    def protected(self) -> frozenset[str]:
+        return frozenset((*self.layout.all, self.KIND_FIELD, self.LIMIT_FIELD))
+
+
 #: The kinds of record a named-lock collection can hold, by their ``kind``
 #: field (a record written before kinds were recorded is a named lock).
-NAMED_KINDS: dict[str, Kind] = {NamedKind.name: NamedKind()}
+NAMED_KINDS: dict[str, Kind] = {
+    NamedKind.name: NamedKind(),
+    "rwlock": SharedKind.reader(),
+}
 
 
 def named_kind(doc: Mapping[str, Any]) -> Kind:
-    """The kind of a record of a named-lock collection."""
-    return NAMED_KINDS.get(str(doc.get(NamedKind.KIND_FIELD, NamedKind.name)), NAMED_KINDS["lock"])
+    """The kind of a record of a named-lock collection (for reading it)."""
+    tag = str(doc.get(NamedKind.KIND_FIELD, NamedKind.name))
+    if tag == "semaphore":
+        limit = doc.get(SharedKind.LIMIT_FIELD)
+        return SharedKind.semaphore(limit if isinstance(limit, int) and limit > 0 else 1)
+    return NAMED_KINDS.get(tag, NAMED_KINDS[NamedKind.name])

@@ -33,7 +33,8 @@ the test with what the worker said on stderr.
 
 The worker's side (:func:`run_worker`, :func:`say`, :func:`hear`, ...) needs
 only the standard library and MongoEngine; pytest is loaded by the parent's
-side alone, when it fails a test.
+side alone, when it fails a test. The parent checks the holds its workers
+recorded with :func:`max_overlap` and :func:`assert_fences_follow_grants`.
 """
 
 from __future__ import annotations
@@ -327,3 +328,38 @@ class Children:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# -- the parent's side: checking recorded holds -------------------------------------------
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    """The most intervals ``(start, end)`` open at one instant. Touching
+    intervals (one ends where the next starts) do not overlap."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    most = current = 0
+    for _, step in events:  # at equal times an end (-1) sorts before a start
+        current += step
+        most = max(most, current)
+    return most
+
+
+def assert_fences_follow_grants(
+    holds: list[dict[str, Any]], *, tried: str = "t_try", returned: str = "t_acq"
+) -> None:
+    """Fences (``hold["fence"]``) are unique, and a hold whose acquisition
+    returned (``hold[returned]``) before another acquisition was attempted
+    (``hold[tried]``) has the smaller fence: it was granted first."""
+    fences = [h["fence"] for h in holds]
+    assert all(isinstance(f, int) for f in fences), fences[:5]
+    assert len(set(fences)) == len(fences), "fences are not unique"
+    by_return = sorted(holds, key=lambda h: h[returned])
+    highest: dict[str, Any] | None = None  # the largest fence returned so far
+    i = 0
+    for hold in sorted(holds, key=lambda h: h[tried]):
+        while i < len(by_return) and by_return[i][returned] < hold[tried]:
+            if highest is None or by_return[i]["fence"] > highest["fence"]:
+                highest = by_return[i]
+            i += 1
+        assert highest is None or highest["fence"] < hold["fence"], (
+            f"fences not increasing with grants: {highest} returned before {hold} was tried")

@@ -41,7 +41,12 @@ from mongoengine.fields import StringField
 from pymongo import monitoring
 from pymongo.errors import PyMongoError
 
-from mongoengine_lockable import LockableMixin, LockError, NamedLock
+from mongoengine_lockable import (
+    LockableMixin,
+    LockError,
+    NamedLock,
+    NamedSemaphore,
+)
 
 if __package__:
     from . import _children
@@ -154,8 +159,9 @@ def describe(exc: BaseException) -> dict[str, Any]:
 
 
 def cmd_failover(args: dict[str, Any]) -> None:
-    """Loop: take the lease (``lock(lease, wait=wait)`` on the document, or
-    ``NamedLock.acquire(wait=wait)``), hold it ``hold`` seconds, release it.
+    """Loop: take the lease (``lock(lease, wait=wait)`` on the document,
+    ``NamedLock.acquire(wait=wait)``, or for ``kind="semaphore"`` a share of a
+    ``NamedSemaphore`` of ``limit``), hold it ``hold`` seconds, release it.
 
     Every hold is written to ``out`` as ``{"event": "hold", kind, fence,
     t_acquired, t_release_start, ok}`` where ``ok`` says whether ``release()``
@@ -171,7 +177,11 @@ def cmd_failover(args: dict[str, Any]) -> None:
     hold_min, hold_max = args["hold"]
     logging.getLogger("mongoengine_lockable").addHandler(LogToLines(log))
     stop = Stopper(args)
-    named = NamedLock(args["name"], lease) if kind == "named" else None
+    named: NamedLock | NamedSemaphore | None = None
+    if kind == "named":
+        named = NamedLock(args["name"], lease)
+    elif kind == "semaphore":
+        named = NamedSemaphore(args["name"], args["limit"], lease)
     doc = FailoverDoc.objects.get(pk=args["doc_id"]) if kind == "doc" else None
     handshake(args)
     while not stop():

@@ -4,7 +4,10 @@ attempt's own identity, not guessed.
 A proxy stands in for the executor's collection: it either applies the command
 and then loses the reply (the write happened), or fails before sending it (it
 did not). Either way the caller must end up with the truth, even when another
-instance uses the same owner name.
+instance uses the same owner name. On the server, a write applied and then
+failed with a retryable write concern error is retried by the driver and
+answered from its stored image, without the projection: the executor reads the
+record again.
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import mongoengine
 import pytest
 from mongoengine import Document, IntField
+from pymongo import ReturnDocument
 from pymongo.errors import AutoReconnect, OperationFailure
 
-from mongoengine_lockable import LockableMixin, LockNotOwnedError, NamedLock
+from mongoengine_lockable import LockableMixin, LockNotOwnedError, NamedLock, NamedSemaphore
 from mongoengine_lockable._engine import is_ambiguous
 from mongoengine_lockable._mixin import executor_of
+from mongoengine_lockable._rules import RESULT_PROJECTION
 
 
 class Ticket(LockableMixin, Document):
@@ -240,3 +246,65 @@ def test_unrelated_errors_propagate(ticket: Ticket, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(executor_of(Ticket), "collection", Broken())
     with pytest.raises(OperationFailure):
         ticket.lock(5)
+
+
+# -- a retried write answered from its stored image -----------------------------------
+
+
+@pytest.fixture
+def fail_next_write_concern(lockable_real_db: Any) -> Any:
+    """Arm the server so that the next ``findAndModify`` is applied and then
+    fails with a retryable write concern error: the driver retries it, and the
+    server answers the retry from the first attempt's stored image."""
+    admin = mongoengine.get_connection().admin
+
+    def arm(times: int = 1) -> None:
+        admin.command({
+            "configureFailPoint": "failCommand", "mode": {"times": times},
+            "data": {"failCommands": ["findAndModify"],
+                     "writeConcernError": {"code": 6, "errmsg": "host unreachable",
+                                           "errorLabels": ["RetryableWriteError"]}},
+        })
+
+    try:
+        yield arm
+    finally:
+        admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+
+
+def test_a_retried_write_answered_from_its_image_has_no_projection(
+    lockable_real_db: Any, fail_next_write_concern: Any
+) -> None:
+    """The fact the executor works around: the retry's answer is the record
+    as written, without the computed projection (so without the server's time)."""
+    coll = lockable_real_db.database["image_answers"]
+    coll.insert_one({"_id": 1, "n": 0})
+    fail_next_write_concern()
+    raw = coll.find_one_and_update({"_id": 1}, [{"$set": {"n": {"$add": ["$n", 1]}}}],
+                                   projection=RESULT_PROJECTION,
+                                   return_document=ReturnDocument.AFTER)
+    assert raw == {"_id": 1, "n": 1}  # applied once, answered without the projection
+
+
+def test_grants_and_releases_answered_from_their_image_are_read_again(
+    ticket: Ticket, fail_next_write_concern: Any
+) -> None:
+    fail_next_write_concern()
+    assert ticket.lock(5) is True and ticket.lock_fence == 1
+    fail_next_write_concern()
+    ticket.release()
+    assert Ticket.objects.get(pk=ticket.pk).locked_until is None
+    lock = NamedLock("image-lock", 5)
+    fail_next_write_concern()
+    assert lock.acquire() is True and lock.owned()
+    fail_next_write_concern()
+    lock.release()
+    assert NamedLock.is_free("image-lock")
+    sem = NamedSemaphore("image-semaphore", 2, 5)
+    fail_next_write_concern()
+    assert sem.acquire() is True and sem.owned() and sem.fence is not None
+    fail_next_write_concern()
+    sem.renew()
+    fail_next_write_concern()
+    sem.release()
+    assert NamedSemaphore.holders("image-semaphore") == []

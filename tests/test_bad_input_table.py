@@ -10,7 +10,8 @@ a rejected call leaves the instances as they were.
 
 ``tests/test_bad_input.py`` goes deep on durations, waits and owners of the
 document methods (and checks that no command is even sent); this table goes
-wide: named locks, ``exclusive``, ``update_if_held`` and ``claim`` included.
+wide: named locks, semaphores, read/write locks, ``exclusive``,
+``update_if_held`` and ``claim`` included.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pymongo.write_concern import WriteConcern
 from mongoengine_lockable import (
     LockableMixin,
     NamedLock,
+    NamedSemaphore,
+    ReadWriteLock,
     UnsavedDocumentError,
     exclusive,
 )
@@ -288,6 +291,66 @@ CASES = [
          lambda c: exclusive("job", 60)(_coroutine_function), TypeError, r"coroutine"),
     Case("exclusive-callable-returns-empty",
          lambda c: exclusive(lambda: "", 60)(lambda: None)(), ValueError, r"\bname\b"),
+    # -- NamedSemaphore(...) and its methods -------------------------------------------------------
+    Case("semaphore-name-int", lambda c: NamedSemaphore(5, 2), TypeError, r"\bname\b"),
+    Case("semaphore-name-too-long",
+         lambda c: NamedSemaphore("s" * 1001, 2), ValueError, r"\bname\b"),
+    Case("semaphore-limit-missing", lambda c: NamedSemaphore("s"), TypeError, r"\blimit\b"),
+    Case("semaphore-limit-bool", lambda c: NamedSemaphore("s", True), TypeError, r"\blimit\b"),
+    Case("semaphore-limit-float", lambda c: NamedSemaphore("s", 2.0), TypeError, r"\blimit\b"),
+    Case("semaphore-limit-str", lambda c: NamedSemaphore("s", "2"), TypeError, r"\blimit\b"),
+    Case("semaphore-limit-zero", lambda c: NamedSemaphore(NAME, 0), ValueError, r"\blimit\b"),
+    Case("semaphore-limit-too-large",
+         lambda c: NamedSemaphore("s", 2**63), ValueError, r"\blimit\b"),
+    Case("semaphore-duration-zero",
+         lambda c: NamedSemaphore("s", 2, 0), ValueError, r"\bduration\b"),
+    Case("semaphore-duration-str",
+         lambda c: NamedSemaphore("s", 2, "60"), TypeError, r"\bduration\b"),
+    Case("semaphore-owner-empty",
+         lambda c: NamedSemaphore("s", 2, owner=""), ValueError, r"\bowner\b"),
+    Case("semaphore-wait-negative",
+         lambda c: NamedSemaphore("s", 2, wait=-1), ValueError, r"\bwait\b"),
+    Case("semaphore-keepalive-int",
+         lambda c: NamedSemaphore("s", 2, keepalive=1), TypeError, r"\bkeepalive\b"),
+    Case("semaphore-alias-none",
+         lambda c: NamedSemaphore("s", 2, alias=None), TypeError, r"\balias\b"),
+    Case("semaphore-collection-dollar",
+         lambda c: NamedSemaphore("s", 2, collection="a$b"), ValueError, r"\bcollection\b"),
+    Case("semaphore-write_concern-unacknowledged",
+         lambda c: NamedSemaphore("s", 2, write_concern=WriteConcern(w=0)),
+         ValueError, r"\bwrite_concern\b"),
+    Case("semaphore-acquire-wait-str",
+         lambda c: NamedSemaphore("s", 2).acquire(wait="1"), TypeError, r"\bwait\b"),
+    Case("semaphore-renew-duration-nan",
+         lambda c: NamedSemaphore("s", 2).renew(math.nan), ValueError, r"\bduration\b"),
+    Case("holders-name-none", lambda c: NamedSemaphore.holders(None), TypeError, r"\bname\b"),
+    Case("holders-alias-int",
+         lambda c: NamedSemaphore.holders("s", alias=1), TypeError, r"\balias\b"),
+    Case("holders-collection-empty",
+         lambda c: NamedSemaphore.holders("s", collection=""), ValueError, r"\bcollection\b"),
+    # -- ReadWriteLock(...), reader(), writer() ----------------------------------------------
+    Case("rwlock-name-empty", lambda c: ReadWriteLock(""), ValueError, r"\bname\b"),
+    Case("rwlock-duration-str", lambda c: ReadWriteLock("rw", "60"), TypeError, r"\bduration\b"),
+    Case("rwlock-wait-negative",
+         lambda c: ReadWriteLock("rw", wait=-2), ValueError, r"\bwait\b"),
+    Case("rwlock-keepalive-str",
+         lambda c: ReadWriteLock("rw", keepalive="y"), TypeError, r"\bkeepalive\b"),
+    Case("rwlock-alias-empty", lambda c: ReadWriteLock("rw", alias=""), ValueError, r"\balias\b"),
+    Case("rwlock-collection-system",
+         lambda c: ReadWriteLock("rw", collection="system.x"), ValueError, r"\bcollection\b"),
+    Case("rwlock-write_concern-str",
+         lambda c: ReadWriteLock("rw", write_concern="majority"), TypeError,
+         r"\bwrite_concern\b"),
+    Case("rwlock-owner-not-an-argument",
+         lambda c: ReadWriteLock("rw", owner="me"), TypeError, r"\bowner\b"),
+    Case("rwlock-reader-owner-empty",
+         lambda c: ReadWriteLock("rw").reader(owner=""), ValueError, r"\bowner\b"),
+    Case("rwlock-writer-owner-int",
+         lambda c: ReadWriteLock("rw").writer(owner=1), TypeError, r"\bowner\b"),
+    Case("rwlock-reader-positional-owner",
+         lambda c: ReadWriteLock("rw").reader("me"), TypeError, r"reader\(\)"),
+    Case("rwlock-writer-acquire-wait-inf",
+         lambda c: ReadWriteLock("rw").writer().acquire(wait=math.inf), ValueError, r"\bwait\b"),
 ]
 
 
@@ -343,7 +406,8 @@ def test_the_table_covers_every_entry_point():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)) >= 30
     prefixes = ("lock-", "locked-", "renew-", "release-", "update-", "claim-", "named-",
-                "acquire-", "named-renew-", "owner_of-", "is_free-", "exclusive-")
+                "acquire-", "named-renew-", "owner_of-", "is_free-", "exclusive-",
+                "semaphore-", "holders-", "rwlock-")
     for prefix in prefixes:
         assert sum(i.startswith(prefix) for i in ids) >= 3, prefix
     for argument in ("name", "duration", "owner", "wait", "keepalive", "min_hold", "alias",
@@ -352,5 +416,11 @@ def test_the_table_covers_every_entry_point():
     for argument in ("name", "duration", "wait", "min_hold", "keepalive", "alias", "collection",
                      "template"):
         assert any(i.startswith(f"exclusive-{argument}-") for i in ids), argument
+    for argument in ("name", "limit", "duration", "owner", "wait", "keepalive", "alias",
+                     "collection", "write_concern"):
+        assert any(i.startswith(f"semaphore-{argument}-") for i in ids), argument
+    for argument in ("name", "duration", "wait", "keepalive", "alias", "collection",
+                     "write_concern"):
+        assert any(i.startswith(f"rwlock-{argument}-") for i in ids), argument
     for field in ("locked_until", "locked_by", "lock_fence"):
         assert any(field in i for i in ids if i.startswith("update-")), field

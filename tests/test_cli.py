@@ -598,3 +598,44 @@ def test_demo_check_finds_violations(db: LockableDB) -> None:
     assert not report.ok
     assert [(t.n, t.crashed_worker, t.worker) for t in report.examples] == [
         (1, "w9", "w1"), (5, "w9", "w2")]
+
+
+def test_list_and_release_semaphore_and_read_write_holders(db: LockableDB) -> None:
+    """Each holder of a semaphore or a read/write lock is a row; release
+    --force evicts one holder, picked with --owner when there are several."""
+    from mongoengine_lockable import NamedSemaphore, ReadWriteLock
+
+    assert db.uri is not None
+    holders = [NamedSemaphore("cli-sem", 3, 60, owner=f"worker-{i}") for i in range(2)]
+    for holder in holders:
+        assert holder.acquire()
+    catalog = ReadWriteLock("cli-rw", 60)
+    reader = catalog.reader()
+    assert reader.acquire()
+    result = run_cli("list", "--uri", db.uri, "--db", db.db_name, "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    sem_rows = [r for r in rows if r["id"] == "cli-sem"]
+    assert sorted(r["owner"] for r in sem_rows) == ["worker-0", "worker-1"]
+    assert {r["kind"] for r in sem_rows} == {"semaphore"}
+    assert all(r["state"] == "held" and 0 < r["remaining"] <= 60 for r in sem_rows)
+    (rw_row,) = [r for r in rows if r["id"] == "cli-rw"]
+    assert (rw_row["kind"], rw_row["mode"], rw_row["owner"]) == ("rwlock", "reader", reader.owner)
+    table = run_cli("list", "--uri", db.uri, "--db", db.db_name)
+    assert "worker-0 (1 of 3)" in table.stdout and f"{reader.owner} (reader)" in table.stdout
+
+    several = run_cli("release", "--force", "--yes", "cli-sem", "--uri", db.uri,
+                      "--db", db.db_name)
+    message = assert_one_line_error(several, 2)
+    assert "--owner" in message and "worker-0" in message and "worker-1" in message
+    result = run_cli("release", "--force", "--yes", "cli-sem", "--owner", "worker-1",
+                     "--uri", db.uri, "--db", db.db_name)
+    assert result.returncode == 0, result.stderr
+    assert NamedSemaphore.holders("cli-sem") == ["worker-0"]
+    with pytest.raises(LockNotOwnedError):
+        holders[1].release()
+    holders[0].release()
+    result = run_cli("release", "--force", "--yes", "cli-rw", "--uri", db.uri,
+                     "--db", db.db_name)
+    assert result.returncode == 0, result.stderr
+    assert not reader.owned()

@@ -19,6 +19,8 @@ PUBLIC_NAMES = [
     "LockableMixin",
     "LockableQuerySet",
     "NamedLock",
+    "NamedSemaphore",
+    "ReadWriteLock",
     "UnsavedDocumentError",
     "__version__",
     "exclusive",
@@ -31,6 +33,10 @@ PUBLIC_MODULES = {"signals"}
 PUBLIC_METHODS = {
     "LockableMixin": ["lock", "release", "renew", "update_if_held", "is_locked", "locked"],
     "LockableQuerySet": ["unlocked", "locked", "claim"],
+    "NamedLock": ["acquire", "release", "renew", "locked", "owned", "remaining"],
+    "NamedSemaphore": ["acquire", "release", "renew", "locked", "owned", "remaining",
+                       "holders"],
+    "ReadWriteLock": ["reader", "writer"],
 }
 
 SIGNALS = ["lock_acquired", "lock_lost", "lock_released", "lock_renewed", "lock_unavailable"]

@@ -14,6 +14,10 @@ returned, when the release was sent, and whether ``release()`` succeeded (a
   completes holds again after it is let go (when it steps down and rolls back
   whatever it had not replicated).
 
+A variant runs the same fail-over with five workers sharing a semaphore of
+limit 2: never more than 2 completed holds at once, fences unique and growing
+with the grants.
+
 Timings and counts are printed (run with ``-s``); the only time limits are
 generous ones that turn a hang into a failure.
 """
@@ -24,6 +28,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +64,9 @@ LEASE = 1.5
 WAIT = 5
 HOLD = (0.02, 0.05)
 LOCK_NAME = "failover-named"
+SEMAPHORE_WORKERS = 5
+SEMAPHORE_LIMIT = 2
+SEMAPHORE_NAME = "failover-semaphore"
 
 #: The timeline, in seconds: normal running, the primary frozen, then running
 #: on until every worker has made progress (at least AFTER_MIN, at most
@@ -137,19 +145,29 @@ def test_exclusivity_check_catches_overlaps_and_fences() -> None:
         assert_exclusive([_hold(0, 1, 3), _hold(2, 3, 2)], "x")
 
 
-@pytest.mark.slow
-def test_leases_survive_primary_freeze(replica_set: MongodReplicaSet, tmp_path: Path) -> None:
-    rs = replica_set
-    db_name = f"lockable_failover_{ObjectId()}"
-    admin: MongoClient[dict[str, Any]] = MongoClient(rs.uri, serverSelectionTimeoutMS=30_000)
-    try:
-        doc_id = ObjectId()
-        admin[db_name].get_collection(
-            "failover_docs", write_concern=WriteConcern("majority")
-        ).insert_one({"_id": doc_id, "name": "failover", "lock_fence": 0})
-    finally:
-        admin.close()
+@dataclass
+class Run:
+    """What one run through a frozen primary recorded: every worker's events,
+    and the timeline (wall-clock times of the start, pause, election, resume
+    and stop; the old and new primary)."""
 
+    events: dict[str, list[dict[str, Any]]]
+    timeline: dict[str, Any]
+
+    @property
+    def completed(self) -> list[dict[str, Any]]:
+        return [e for evs in self.events.values() for e in evs
+                if e["event"] == "hold" and e["ok"]]
+
+
+def run_through_freeze(
+    rs: MongodReplicaSet, tmp_path: Path, db_name: str,
+    specs: list[tuple[str, dict[str, Any]]],
+) -> Run:
+    """Start the ``failover`` workers ``specs`` (name, arguments), let them
+    run, freeze the primary for :data:`PAUSED` seconds, let it go, run on
+    until every worker has completed a hold since (or
+    :data:`PROGRESS_LIMIT`), then stop them and collect what they recorded."""
     uri = f"{rs.uri}&{CLIENT_OPTIONS}"
     stop_file = tmp_path / "stop"
     common = {
@@ -162,8 +180,6 @@ def test_leases_survive_primary_freeze(replica_set: MongodReplicaSet, tmp_path: 
         "handshake": True,
         "max_seconds": 180,
     }
-    specs = [(f"doc-{i}", {"kind": "doc", "doc_id": str(doc_id)}) for i in range(DOC_WORKERS)]
-    specs += [(f"named-{i}", {"kind": "named", "name": LOCK_NAME}) for i in range(NAMED_WORKERS)]
     children = _children.Children(tmp_path, fault_workers.__file__)
     workers: list[_children.Child] = []
     paths: dict[str, Path] = {}
@@ -221,11 +237,17 @@ def test_leases_survive_primary_freeze(replica_set: MongodReplicaSet, tmp_path: 
         children.close()
 
     timeline = {"start": t_start, "pause": t_pause, "elected": t_elected, "resume": t_resume,
-                "stop": t_stop, "old_primary": old_primary, "new_primary": new_primary}
+                "stop": t_stop, "old_primary": old_primary, "new_primary": new_primary,
+                "final_primary": final_primary}
     (tmp_path / "timeline.json").write_text(json.dumps(timeline))
-    events = {name: read_events(path) for name, path in paths.items()}
+    return Run({name: read_events(path) for name, path in paths.items()}, timeline)
+
+
+def report(run: Run) -> None:
+    """Print timings and counts (run with ``-s``)."""
+    events, tl = run.events, run.timeline
     holds = [e for evs in events.values() for e in evs if e["event"] == "hold"]
-    completed = [h for h in holds if h["ok"]]
+    completed = run.completed
     errors = Counter(
         f"{e['op']}:{e['type']}" for evs in events.values() for e in evs if e["event"] == "error"
     )
@@ -242,14 +264,15 @@ def test_leases_survive_primary_freeze(replica_set: MongodReplicaSet, tmp_path: 
     slowest_release = max(h["t_released"] - h["t_release_start"] for h in holds)
 
     def phase(t: float) -> str:
-        return "before" if t < t_pause else "during" if t < t_resume else "after"
+        return "before" if t < tl["pause"] else "during" if t < tl["resume"] else "after"
 
     by_phase = Counter(f"{h['kind']}/{phase(h['t_acquired'])}" for h in completed)
+    elected = tl["elected"] - tl["pause"] if tl["elected"] else float("nan")
     print(
-        f"\nfail-over: primary {old_primary} frozen {t_resume - t_pause:.1f} s "
-        f"(after {t_pause - t_start:.1f} s); new primary {new_primary} elected after "
-        f"{(t_elected - t_pause) if t_elected else float('nan'):.1f} s; primary at the end "
-        f"{final_primary}; ran {t_stop - t_resume:.1f} s after the resume"
+        f"\nfail-over: primary {tl['old_primary']} frozen {tl['resume'] - tl['pause']:.1f} s "
+        f"(after {tl['pause'] - tl['start']:.1f} s); new primary {tl['new_primary']} elected "
+        f"after {elected:.1f} s; primary at the end {tl['final_primary']}; ran "
+        f"{tl['stop'] - tl['resume']:.1f} s after the resume"
     )
     print(f"completed holds by lock/phase: {dict(sorted(by_phase.items()))}")
     print(
@@ -263,23 +286,89 @@ def test_leases_survive_primary_freeze(replica_set: MongodReplicaSet, tmp_path: 
     print(f"slowest acquire (call to return): {slowest_acquire:.1f} s; slowest release: "
           f"{slowest_release:.1f} s")
     for name, evs in events.items():
-        first = [e["t_acquired"] - t_resume for e in evs
-                 if e["event"] == "hold" and e["ok"] and e["t_acquired"] >= t_resume][:1]
+        first = [e["t_acquired"] - tl["resume"] for e in evs
+                 if e["event"] == "hold" and e["ok"] and e["t_acquired"] >= tl["resume"]][:1]
         after = f"+{first[0]:.2f} s" if first else "none"
         print(f"  {name}: {completed_after(evs, 0)} completed, first after resume: {after}")
 
+
+def assert_survived(run: Run) -> None:
+    """No unexpected error; a new primary was elected during the freeze;
+    every worker completed a hold after the resume."""
+    events, tl = run.events, run.timeline
     unexpected = [e for evs in events.values() for e in evs if e.get("unexpected")]
     assert not unexpected, f"unexpected errors in workers: {unexpected[:3]}"
-    assert new_primary is not None, f"no new primary elected in the {PAUSED} s pause"
-    assert new_primary != old_primary
-    for kind in ("doc", "named"):
-        kind_holds = [h for h in completed if h["kind"] == kind]
-        assert kind_holds, f"no completed {kind} hold at all"
-        assert_exclusive(kind_holds, kind)
+    assert tl["new_primary"] is not None, f"no new primary elected in the {PAUSED} s pause"
+    assert tl["new_primary"] != tl["old_primary"]
     for name, evs in events.items():
         late = [
             e for e in evs
-            if e["event"] == "hold" and e["ok"] and t_resume <= e["t_acquired"] <= t_resume
+            if e["event"] == "hold" and e["ok"] and tl["resume"] <= e["t_acquired"] <= tl["resume"]
             + PROGRESS_LIMIT
         ]
         assert late, f"{name} completed no hold within {PROGRESS_LIMIT} s after the resume"
+
+
+@pytest.mark.slow
+def test_leases_survive_primary_freeze(replica_set: MongodReplicaSet, tmp_path: Path) -> None:
+    rs = replica_set
+    db_name = f"lockable_failover_{ObjectId()}"
+    admin: MongoClient[dict[str, Any]] = MongoClient(rs.uri, serverSelectionTimeoutMS=30_000)
+    try:
+        doc_id = ObjectId()
+        admin[db_name].get_collection(
+            "failover_docs", write_concern=WriteConcern("majority")
+        ).insert_one({"_id": doc_id, "name": "failover", "lock_fence": 0})
+    finally:
+        admin.close()
+    specs = [(f"doc-{i}", {"kind": "doc", "doc_id": str(doc_id)}) for i in range(DOC_WORKERS)]
+    specs += [(f"named-{i}", {"kind": "named", "name": LOCK_NAME}) for i in range(NAMED_WORKERS)]
+    run = run_through_freeze(rs, tmp_path, db_name, specs)
+    report(run)
+    assert_survived(run)
+    for kind in ("doc", "named"):
+        kind_holds = [h for h in run.completed if h["kind"] == kind]
+        assert kind_holds, f"no completed {kind} hold at all"
+        assert_exclusive(kind_holds, kind)
+
+
+def assert_within_limit(holds: list[dict[str, Any]], limit: int, what: str) -> None:
+    """At no instant are more than ``limit`` of the intervals [t_acquired,
+    t_release_start] open; fences are unique, and a hold acquired before
+    another was attempted has the smaller fence."""
+    most = _children.max_overlap([(h["t_acquired"], h["t_release_start"]) for h in holds])
+    assert most <= limit, f"{what}: {most} completed holds at once (limit {limit})"
+    _children.assert_fences_follow_grants(holds, returned="t_acquired")
+
+
+def test_limit_check_catches_too_many_holders_and_fences() -> None:
+    """The checker itself, on made-up holds."""
+
+    def hold(t_try: float, start: float, end: float, fence: int) -> dict[str, Any]:
+        return {"t_try": t_try, "t_acquired": start, "t_release_start": end, "fence": fence}
+
+    ok = [hold(0, 0, 2, 1), hold(0, 1, 3, 2), hold(2.5, 2.5, 4, 3)]
+    assert_within_limit(ok, 2, "ok")
+    with pytest.raises(AssertionError, match="3 completed holds at once"):
+        assert_within_limit([*ok, hold(0, 1.5, 1.8, 4)], 2, "x")
+    with pytest.raises(AssertionError, match="not unique"):
+        assert_within_limit([hold(0, 0, 1, 1), hold(2, 2, 3, 1)], 2, "x")
+    with pytest.raises(AssertionError, match="not increasing"):
+        assert_within_limit([hold(0, 0, 1, 5), hold(2, 2, 3, 4)], 2, "x")
+
+
+@pytest.mark.slow
+def test_semaphore_limit_holds_through_primary_freeze(
+    replica_set: MongodReplicaSet, tmp_path: Path
+) -> None:
+    """The same fail-over with workers sharing a semaphore: never more than
+    its limit among the completed holds."""
+    db_name = f"lockable_failover_sem_{ObjectId()}"
+    args = {"kind": "semaphore", "name": SEMAPHORE_NAME, "limit": SEMAPHORE_LIMIT}
+    specs = [(f"semaphore-{i}", args) for i in range(SEMAPHORE_WORKERS)]
+    run = run_through_freeze(replica_set, tmp_path, db_name, specs)
+    report(run)
+    assert_survived(run)
+    holds = run.completed
+    assert holds, "no completed semaphore hold at all"
+    assert_within_limit(holds, SEMAPHORE_LIMIT, "semaphore")

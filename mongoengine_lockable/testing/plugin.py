@@ -268,6 +268,7 @@ def _forget_collections(alias: str) -> None:
     seen: set[type] = set()
     stack: list[type] = [Document]
     while stack:
+        subclass: type
         for subclass in stack.pop().__subclasses__():
             if subclass in seen:
                 continue
