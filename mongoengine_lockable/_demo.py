@@ -42,7 +42,7 @@ import random
 import signal
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -332,17 +332,15 @@ class JobsReport:
     poison: int = 0
     batch: int = BATCH
     max_attempts: int = MAX_ATTEMPTS
-    completed_once: int = 0
-    completed_more: int = 0
-    never_completed: int = 0
-    started_more: int = 0
-    repeats_after_crash: int = 0
-    repeats_other: int = 0
-    crashes: int = 0
-    takeovers: int = 0
-    restarts: int = 0
-    worker_errors: int = 0
-    claims: int = 0
+    #: What happened, by name: ``completed_once`` (good jobs whose
+    #: update_if_held succeeded once, as it must), ``completed_more`` and
+    #: ``never_completed`` (violations), ``started_more`` (jobs handled more
+    #: than once: ``repeats_after_crash`` fine, ``repeats_other`` a violation),
+    #: ``crashes`` (workers killed), ``takeovers`` (claims of a job with fence
+    #: > 1), ``restarts`` (workers started in place of dead ones),
+    #: ``worker_errors`` (workers that failed otherwise), ``claims`` (handling
+    #: records, one per claimed job).
+    counts: Counter[str] = field(default_factory=Counter)
     elapsed: float = 0.0
     #: Poison jobs set aside after ``max_attempts`` grants (their numbers).
     set_aside: list[int] = field(default_factory=list)
@@ -352,7 +350,7 @@ class JobsReport:
     @property
     def throughput(self) -> float:
         """Jobs completed per second of the run."""
-        return self.completed_once / self.elapsed if self.elapsed > 0 else 0.0
+        return self.counts["completed_once"] / self.elapsed if self.elapsed > 0 else 0.0
 
     @property
     def ok(self) -> bool:
@@ -447,13 +445,13 @@ def _run_job_pool(
                 proc.join()
                 if proc.exitcode == -_SIGKILL:
                     crashed.add(names[slot])
-                    report.crashes += 1
+                    report.counts["crashes"] += 1
                 elif proc.exitcode == 0:
                     slots[slot] = None
                     continue
                 else:
-                    report.worker_errors += 1
-                    if report.worker_errors > 3 * report.workers:
+                    report.counts["worker_errors"] += 1
+                    if report.counts["worker_errors"] > 3 * report.workers:
                         report.violations.append(
                             f"demo workers keep failing (last: {names[slot]} exited with "
                             f"status {proc.exitcode}); gave up"
@@ -461,13 +459,13 @@ def _run_job_pool(
                         return crashed
                 # The queue is not empty (the dead worker's job is pending):
                 # keep the pool at full strength.
-                report.restarts += 1
+                report.counts["restarts"] += 1
                 start(slot)
             alive = sum(proc is not None for proc in slots)
             if on_progress is not None:
                 done = DemoJob.objects(status="done").count()
                 aside = DemoJob.objects(status="pending").exhausted(report.max_attempts).count()
-                on_progress(JobsProgress(done, report.jobs, alive, report.crashes,
+                on_progress(JobsProgress(done, report.jobs, alive, report.counts["crashes"],
                                          time.monotonic() - started, aside))
             if alive == 0:
                 break
@@ -499,25 +497,25 @@ def _check_jobs(report: JobsReport, db: Any, crashed: set[str], max_examples: in
     attempts: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     for record in db[HANDLINGS_COLLECTION].find({}, sort=[("started_at", 1), ("fence", 1)]):
         attempts[record["job"]].append(record)
-        report.claims += 1
+        report.counts["claims"] += 1
     takeovers: list[Takeover] = []
     for job in db[JOBS_COLLECTION].find({}, sort=[("n", 1)]):
         n = job["n"]
         tries = sorted(attempts.get(job["_id"], []), key=lambda r: r["fence"])
         completions = [r for r in tries if r.get("completed")]
         handled_by = job.get("handled_by") or []
-        report.takeovers += sum(r["fence"] > 1 for r in tries)
+        report.counts["takeovers"] += sum(r["fence"] > 1 for r in tries)
         if job.get("poison"):
             _check_poison(report, job, tries, completions)
         elif job.get("status") != "done" or not completions:
-            report.never_completed += 1
+            report.counts["never_completed"] += 1
             report.violations.append(f"job {n} was never completed")
         elif len(completions) > 1 or len(handled_by) > 1:
-            report.completed_more += 1
+            report.counts["completed_more"] += 1
             who = ", ".join(handled_by) or ", ".join(r["worker"] for r in completions)
             report.violations.append(f"job {n} was completed more than once (by {who})")
         else:
-            report.completed_once += 1
+            report.counts["completed_once"] += 1
             last = max(r["fence"] for r in tries)
             if completions[0]["fence"] != last or job.get("lock_fence") != last:
                 report.violations.append(
@@ -549,7 +547,7 @@ def _check_repeats(report: JobsReport, n: int, tries: list[dict[str, Any]],
                    crashed: set[str]) -> list[Takeover]:
     """Check a job handled more than once; return its take-overs of crashed
     holders."""
-    report.started_more += 1
+    report.counts["started_more"] += 1
     released = ("failed",)  # attempts that ended by releasing the lease
     unexplained = [
         r for r in tries[:-1]
@@ -557,7 +555,7 @@ def _check_repeats(report: JobsReport, n: int, tries: list[dict[str, Any]],
                                       ("lease lost", *released))
     ]
     if unexplained:
-        report.repeats_other += 1
+        report.counts["repeats_other"] += 1
         why = ", ".join(
             f"{r['worker']} (fence {r['fence']}) "
             + ("completed it" if r.get("completed") else r.get("outcome", "stopped"))
@@ -565,7 +563,7 @@ def _check_repeats(report: JobsReport, n: int, tries: list[dict[str, Any]],
         )
         report.violations.append(f"job {n} was started again without a crash: {why}")
     elif any(r["worker"] in crashed for r in tries[:-1]):
-        report.repeats_after_crash += 1
+        report.counts["repeats_after_crash"] += 1
     takeovers = []
     for before, after in zip(tries, tries[1:]):
         if before.get("outcome") in released:

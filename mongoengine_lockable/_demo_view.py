@@ -240,37 +240,36 @@ def _workers_text(snap: JobsProgress, workers: int) -> str:
 
 
 def _jobs_summary(report: JobsReport, out: Out) -> None:
+    n = report.counts
     repeats = (
-        "all after a worker crash" if not report.repeats_other
-        else f"{report.repeats_other} WITHOUT a crash"
+        "all after a worker crash" if not n["repeats_other"]
+        else f"{n['repeats_other']} WITHOUT a crash"
     )
     rows: list[tuple[str, str, str]] = [
         ("jobs", str(report.jobs), f"{report.poison} poison"),
-        ("completed exactly once", str(report.completed_once), "the job's update_if_held "
-         "succeeded once"),
+        ("completed exactly once", str(n["completed_once"]),
+         "the job's update_if_held succeeded once"),
         ("set aside", str(len(report.set_aside)),
          f"poison jobs claimed {report.max_attempts} times, never completed"),
-        ("completed more than once", str(report.completed_more), "must be 0"),
-        ("never completed", str(report.never_completed), "must be 0"),
-        ("started more than once", str(report.started_more),
-         repeats if report.started_more else ""),
-        ("worker crashes (SIGKILL)", str(report.crashes), "each holding its batch's leases"),
-        ("claimed again", str(report.takeovers),
+        ("completed more than once", str(n["completed_more"]), "must be 0"),
+        ("never completed", str(n["never_completed"]), "must be 0"),
+        ("started more than once", str(n["started_more"]), repeats if n["started_more"] else ""),
+        ("worker crashes (SIGKILL)", str(n["crashes"]), "each holding its batch's leases"),
+        ("claimed again", str(n["takeovers"]),
          "claims of a job with fence > 1 (after a crash, or a poison job's retry)"),
-        ("worker restarts", str(report.restarts), "the pool stays at "
-         f"{report.workers} processes"),
-        ("claims", str(report.claims), "one record per handling attempt"),
+        ("worker restarts", str(n["restarts"]), f"the pool stays at {report.workers} processes"),
+        ("claims", str(n["claims"]), "one record per handling attempt"),
         ("throughput", f"{report.throughput:.1f}", "jobs/s"),
         ("elapsed", f"{report.elapsed:.1f}", "s"),
     ]
-    bad = {"completed more than once": report.completed_more,
-           "never completed": report.never_completed,
-           "started more than once": report.repeats_other}
+    bad = {"completed more than once": n["completed_more"],
+           "never completed": n["never_completed"],
+           "started more than once": n["repeats_other"]}
     styles = ["bold red" if bad.get(label) else None for label, _, _ in rows]
     out.line()
     out.table("summary", ["", "", ""], [list(r) for r in rows], right=(1,), styles=styles)
     if report.set_aside:
-        shown = ", ".join(str(n) for n in report.set_aside[:10])
+        shown = ", ".join(str(job) for job in report.set_aside[:10])
         more = ", ..." if len(report.set_aside) > 10 else ""
         out.line()
         out.line(f"set aside after {report.max_attempts} attempts (dead letters): jobs "
@@ -285,18 +284,18 @@ def _jobs_summary(report: JobsReport, out: Out) -> None:
     out.line()
     if report.ok:
         good = report.jobs - report.poison
-        text = f"OK: {report.completed_once} of {good} jobs handled exactly once"
+        text = f"OK: {n['completed_once']} of {good} jobs handled exactly once"
         if report.set_aside:
             text += f", {len(report.set_aside)} poison jobs set aside"
-        if report.crashes == 1:
+        if n["crashes"] == 1:
             text += "; the jobs of the crashed worker were taken over once their leases expired"
-        elif report.crashes:
-            text += (f"; the jobs of the {report.crashes} crashed workers were taken over "
-                     "once their leases expired")
+        elif n["crashes"]:
+            text += (f"; the jobs of the {n['crashes']} crashed workers were taken over once "
+                     "their leases expired")
         out.line(text, f"[bold green]{escape(text)}[/]" if out.rich else None)
     else:
         _violations(report.violations, out,
-                    f"FAILED: {report.completed_once} of {report.jobs} jobs handled exactly once")
+                    f"FAILED: {n['completed_once']} of {report.jobs} jobs handled exactly once")
 
 
 def _violations(violations: list[str], out: Out, headline: str) -> None:

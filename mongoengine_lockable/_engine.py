@@ -230,6 +230,14 @@ class Waiting:
 # -- the handle -------------------------------------------------------------------------
 
 
+class _Hooks(NamedTuple):
+    """What a lease asks of its face (see :class:`Lease`)."""
+
+    subject: Callable[[], tuple[Any, Mapping[str, Any]]]
+    on_stored: Optional[Callable[[Result, bool], None]]
+    missing: Optional[Callable[[], Exception]]
+
+
 @dataclass
 class Held:
     """The lease a handle holds: its grant and the local deadline."""
@@ -283,14 +291,10 @@ class Lease:
         missing: Callable[[], Exception] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.kind = kind
-        self.match = match
-        self.what = what
-        self.target = target
-        self.subject = subject
-        self.on_stored = on_stored
-        self.missing = missing
-        self.clock = clock
+        self.kind, self.match, self.clock = kind, match, clock
+        #: How the record is named in messages, and the id or name errors carry.
+        self.what, self.target = what, target
+        self._hooks = _Hooks(subject, on_stored, missing)
         self.held: Held | None = None
         #: Whether this handle ever held a lease (for messages).
         self.had_lease = False
@@ -308,20 +312,21 @@ class Lease:
                 "a name is used by one kind of lock per collection",
                 target=self.target,
             )
-        if not view.exists and not self.kind.upsert and self.missing is not None:
-            raise self.missing()
+        missing = self._hooks.missing
+        if not view.exists and not self.kind.upsert and missing is not None:
+            raise missing()
         return view
 
     def _modify(self, command_filter: Filter, update: Update, **options: Any) -> Modify:
         return Modify(combine(self.match, command_filter), update, **options)
 
     def _send(self, name: str, **extra: Any) -> None:
-        sender, subject = self.subject()
+        sender, subject = self._hooks.subject()
         getattr(signals, name).send(sender, **subject, **extra)
 
     def _stored(self, result: Result, whole: bool) -> None:
-        if self.on_stored is not None:
-            self.on_stored(result, whole)
+        if self._hooks.on_stored is not None:
+            self._hooks.on_stored(result, whole)
 
     def not_owned(self, action: str, owner: str | None) -> LockNotOwnedError:
         return LockNotOwnedError(

@@ -292,26 +292,29 @@ def _array(value: Any, op: str) -> list[Any]:
     return value
 
 
-def _filter(arg: Any, ctx: _Context, env: dict[str, Any]) -> Any:
+def _scopes(arg: Any, ctx: _Context, env: dict[str, Any], op: str) -> list[Any] | None:
+    """For ``$filter``/``$map``: each item of ``input`` with the variables in
+    scope for it (``as``, default ``this``); ``None`` for a null input."""
     source = _eval(arg["input"], ctx, env)
     if source is None or source is MISSING:
         return None
     name = arg.get("as", "this")
-    kept = []
-    for item in _array(source, "$filter"):
-        if truthy(_eval(arg["cond"], ctx, {**env, name: item})):
-            kept.append(item)
+    return [(item, {**env, name: item}) for item in _array(source, op)]
+
+
+def _filter(arg: Any, ctx: _Context, env: dict[str, Any]) -> Any:
+    scopes = _scopes(arg, ctx, env, "$filter")
+    if scopes is None:
+        return None
+    kept = [item for item, inner in scopes if truthy(_eval(arg["cond"], ctx, inner))]
     if "limit" in arg:
         kept = kept[: int(_eval(arg["limit"], ctx, env))]
     return kept
 
 
 def _map(arg: Any, ctx: _Context, env: dict[str, Any]) -> Any:
-    source = _eval(arg["input"], ctx, env)
-    if source is None or source is MISSING:
-        return None
-    name = arg.get("as", "this")
-    return [_eval(arg["in"], ctx, {**env, name: item}) for item in _array(source, "$map")]
+    scopes = _scopes(arg, ctx, env, "$map")
+    return None if scopes is None else [_eval(arg["in"], ctx, inner) for _, inner in scopes]
 
 
 def _reduce(arg: Any, ctx: _Context, env: dict[str, Any]) -> Any:

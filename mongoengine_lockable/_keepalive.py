@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 from ._engine import Lease, Result
@@ -82,21 +81,15 @@ class BlockingLease:
         if keeper is not None:
             keeper.stop()
 
-    def acquire(
-        self,
-        owner: str,
-        ms: int,
-        *,
-        wait: float | None,
-        force: bool = False,
-        keepalive: bool = False,
-        extra: Mapping[str, Any] | None = None,
-    ) -> Result | None:
-        """Acquire (see :meth:`Lease.acquire`); with ``keepalive``, renew from a
-        background thread until :meth:`release`."""
+    def acquire(self, owner: str, ms: int, *, wait: float | None, keepalive: bool = False,
+                **grant: Any) -> Result | None:
+        """Acquire (:meth:`Lease.acquire`, which ``grant`` goes to: ``force``,
+        ``extra``); with ``keepalive``, renew from a background thread until
+        :meth:`release`. A lease handed over for a short term is confirmed
+        from that thread at once, with or without ``keepalive``."""
         self._stop_keepalive()
-        result = run(self.lease.acquire(owner, ms, wait=wait, force=force, extra=extra),
-                     self.io, track=wait != 0)
+        result = run(self.lease.acquire(owner, ms, wait=wait, **grant), self.io,
+                     track=wait != 0)
         held = self.lease.held
         if result is not None and held is not None and (keepalive or held.confirm):
             self.keep_alive(forever=keepalive)

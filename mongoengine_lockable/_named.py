@@ -25,7 +25,6 @@ import string
 import threading
 import weakref
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Callable, TypeVar
 
 from mongoengine.connection import get_db
@@ -253,12 +252,7 @@ class NamedFace:
             raise self._lease.unavailable()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.release()
 
 

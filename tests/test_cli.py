@@ -589,8 +589,10 @@ def test_demo_check_finds_violations(db: LockableDB) -> None:
     report = JobsReport(jobs=8, workers=2, lease=1, work_ms=1, crash_rate=0, seed=0,
                         poison=3, max_attempts=2)
     _check_jobs(report, db.database, crashed={"w9"}, max_examples=5)
-    assert (report.completed_once, report.completed_more, report.never_completed) == (3, 1, 1)
-    assert (report.repeats_after_crash, report.repeats_other) == (2, 2)
+    counts = report.counts
+    assert (counts["completed_once"], counts["completed_more"], counts["never_completed"]) == (
+        3, 1, 1)
+    assert (counts["repeats_after_crash"], counts["repeats_other"]) == (2, 2)
     assert report.set_aside == [6]
     assert len(report.violations) == 7, report.violations
     early = [v for v in report.violations if "before the lease of fence 1 ended" in v]

@@ -65,32 +65,22 @@ class LockMetrics:
 
     def __init__(self, registry: prometheus_client.CollectorRegistry) -> None:
         self.registry = registry
-        self.wait_seconds = prometheus_client.Histogram(
-            f"{PREFIX}_wait_seconds",
-            "Seconds spent waiting before a lease was granted.",
-            ["kind"],
-            buckets=BUCKETS,
-            registry=registry,
-        )
-        self.hold_seconds = prometheus_client.Histogram(
-            f"{PREFIX}_hold_seconds",
-            "Seconds from a lease's grant to its release.",
-            ["kind"],
-            buckets=BUCKETS,
-            registry=registry,
-        )
-        self.lost = prometheus_client.Counter(
-            f"{PREFIX}_lost",
-            "Leases found lost by a keepalive.",
-            ["kind"],
-            registry=registry,
-        )
-        self.unavailable = prometheus_client.Counter(
-            f"{PREFIX}_unavailable",
-            "Acquisitions that gave up because another holder kept the lease.",
-            ["kind"],
-            registry=registry,
-        )
+
+        def histogram(name: str, text: str) -> Any:
+            return prometheus_client.Histogram(f"{PREFIX}_{name}", text, ["kind"],
+                                               buckets=BUCKETS, registry=registry)
+
+        def counter(name: str, text: str) -> Any:
+            return prometheus_client.Counter(f"{PREFIX}_{name}", text, ["kind"],
+                                             registry=registry)
+
+        self.wait_seconds = histogram("wait_seconds",
+                                      "Seconds spent waiting before a lease was granted.")
+        self.hold_seconds = histogram("hold_seconds",
+                                      "Seconds from a lease's grant to its release.")
+        self.lost = counter("lost", "Leases found lost by a keepalive.")
+        self.unavailable = counter(
+            "unavailable", "Acquisitions that gave up because another holder kept the lease.")
         self._connected = False
 
     # The receivers: blinker calls them with the sender and keyword arguments.
