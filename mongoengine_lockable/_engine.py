@@ -110,6 +110,8 @@ class Modify:
 
     :ivar timeout: seconds the operation may take in all (``None``: the
         client's own timeouts).
+    :ivar clock: the answer carries the server's time (``now``); without it
+        (``now`` is ``None``) the reply is the plain record.
     """
 
     filter: Filter
@@ -119,6 +121,7 @@ class Modify:
     hint: Any = None
     collation: Any = None
     timeout: Optional[float] = None
+    clock: bool = True
 
 
 @dataclass(frozen=True)
@@ -567,7 +570,7 @@ class Lease:
         stamp = new_ticket()
         command = self.kind.release(holding, stamp)
         try:
-            result: Result = yield self._modify(command.filter, command.update)
+            result: Result = yield self._modify(command.filter, command.update, clock=False)
         except PyMongoError as exc:
             if not is_ambiguous(exc):
                 raise
@@ -651,7 +654,7 @@ class Lease:
         stamp = new_ticket()
         stamped = {op: dict(changes) for op, changes in update.items()}
         stamped.setdefault("$set", {})[self.kind.layout.stamp] = stamp
-        request = self._modify(self.kind.holds(holding), stamped)
+        request = self._modify(self.kind.holds(holding), stamped, clock=False)
         try:
             result: Result = yield request
         except PyMongoError as exc:

@@ -181,10 +181,13 @@ class SyncIO:
                 request.timeout)
             with bounded:
                 raw = self.collection.find_one_and_update(
-                    request.filter, request.update, projection=RESULT_PROJECTION,
+                    request.filter, request.update,
+                    projection=RESULT_PROJECTION if request.clock else None,
                     sort=request.sort, upsert=request.upsert,
                     return_document=ReturnDocument.AFTER, session=session, **options,
                 )
+                if not request.clock:
+                    return Result(raw, None)
                 if raw is not None and NOW_KEY not in raw:
                     raw = self._reread(raw, request, session)
             return _result(raw)

@@ -219,10 +219,16 @@ class LockableMixin:
         return query
 
     def _load_stored(self, raw: dict[str, Any]) -> None:
-        """Replace every field by the stored document ``raw`` (as ``reload``)."""
+        """Replace every field by the stored document ``raw`` (as ``reload``).
+
+        The values go to the instance's data directly (bound to it by
+        ``_reload``, as ``reload`` binds them) rather than through each field's
+        setter: nothing is marked changed, and the grant's path stays short.
+        """
         stored = type(self)._from_son(raw, created=False)  # type: ignore[attr-defined]
+        data = self._data
         for name in self._fields:
-            setattr(self, name, self._reload(name, stored._data.get(name)))
+            data[name] = self._reload(name, stored._data.get(name))
         for name, value in stored._data.items():
             if name not in self._fields:  # a DynamicDocument's dynamic fields
                 setattr(self, name, value)

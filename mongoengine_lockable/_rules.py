@@ -47,7 +47,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 from ._expr import naive_utc
 
@@ -421,10 +421,6 @@ class Kind:
             **self._grant_extra(source),
         }
 
-    def _direct(self, ask: Ask) -> dict[str, Any]:
-        return {"o": _lit(ask.owner), "t": _lit(ask.ticket), "ms": ask.ms,
-                "x": {k: _lit(v) for k, v in ask.extra.items()}}
-
     def _entry(self, ask: Ask) -> dict[str, Any]:
         entry: dict[str, Any] = {"t": _lit(ask.ticket), "o": _lit(ask.owner), "ms": ask.ms,
                                  "a": {"$add": [NOW, WAITER_TTL_MS]}}
@@ -451,50 +447,80 @@ class Kind:
             mine = {"$and": [{"$eq": [_f(lay.token), _lit(ask.ticket)]}, _held(lay.until)]}
             base = _live(_f(lay.waiters))
             queue = _cond(mine, base, _with_entry(base, ask.ticket, self._entry(ask)))
-            return Command({}, self._settle(queue, free=_free(lay.until), caller=ask.ticket),
-                           self.upsert)
+            return Command({}, self._settle(queue, free=_free(lay.until),
+                                            params={"c": _lit(ask.ticket)}), self.upsert)
         if mode == "force":
             win: Any = self._kind_ok()
         else:
             win = {"$and": [self._kind_ok(), _free(lay.until), _nobody_waits(lay.waiters)]}
-        grant = {**self._grant_fields(self._direct(ask)), lay.stamp: _lit(ask.ticket)}
-        stages: Pipeline = [
-            {"$set": {TMP: win}},
-            {"$set": {k: _cond(_T, v, _f(k)) for k, v in grant.items()}},
-            {"$unset": TMP},
-        ]
-        return Command({}, stages, self.upsert)
+        # The caller's values go in the scratch field; the rest of the pipeline
+        # is the same for every grant of this kind (built once).
+        params = {"win": win, "o": _lit(ask.owner), "t": _lit(ask.ticket), "ms": ask.ms,
+                  "x": _lit(dict(ask.extra))}
+        return Command({}, [{"$set": {TMP: params}}, *self._cached("grant", self._grant_tail)],
+                       self.upsert)
+
+    def _cached(self, key: str, build: Callable[[], Pipeline]) -> Pipeline:
+        """The constant stages ``key`` of this kind's pipelines, built once."""
+        cache = self.__dict__.setdefault("_stages", {})
+        if key not in cache:
+            cache[key] = build()
+        stages: Pipeline = cache[key]
+        return stages
+
+    def _grant_tail(self) -> Pipeline:
+        """After ``{_lockable: {win, o, t, ms, x}}``: the grant, if ``win``."""
+        source = {key: f"{_T}.{key}" for key in ("o", "t", "ms", "x")}
+        grant = {**self._grant_fields(source), self.layout.stamp: f"{_T}.t"}
+        return [{"$set": {k: _cond(f"{_T}.win", v, _f(k)) for k, v in grant.items()}},
+                {"$unset": TMP}]
 
     def _settle(
         self,
         queue: Any,
         *,
         free: Any,
-        otherwise: Mapping[str, Any] | None = None,
-        always: Mapping[str, Any] | None = None,
-        caller: str | None = None,
+        ending: bool = False,
+        params: Mapping[str, Any] | None = None,
     ) -> Pipeline:
         """The pipeline of a write that changes the queue or ends a lease.
 
         ``queue`` is the new queue of live waiters (an expression on the record
         before the write); if the lease is ``free`` (an expression) and someone
         is queued, the first waiter gets the lease, with the next fence, and
-        leaves the queue. Its term is its own duration if it is the ``caller``
-        (the waiter whose write this is), else at most :data:`PICKUP_MS` until
-        it confirms the lease. Otherwise the fields in ``otherwise`` are set (a
-        release's). ``always`` are set in both cases. An empty queue is removed.
+        leaves the queue. Its term is its own duration if it is the caller
+        (``params["c"]``, the ticket of the waiter whose write this is), else at
+        most :data:`PICKUP_MS` until it confirms the lease. When ``ending`` (a
+        release, with its stamp ``params["s"]``), a lease that does not pass to
+        a waiter is left released. An empty queue is removed.
+
+        The first stage computes the queue, its head and the decision, with the
+        caller's values (``params``); the others are the same for every write
+        of this purpose and kind, and are built once.
         """
+        first = {"$set": {TMP: {"$let": {"vars": {"q": queue}, "in": {
+            "q": "$$q",
+            "head": {"$arrayElemAt": ["$$q", 0]},
+            "grant": {"$and": [free, self._kind_ok(), {"$gt": [{"$size": "$$q"}, 0]}]},
+            "c": None,
+            **(params or {}),
+        }}}}}
+        key = "end" if ending else "settle"
+        return [first, *self._cached(key, lambda: self._settle_tail(ending))]
+
+    def _settle_tail(self, ending: bool) -> Pipeline:
         lay = self.layout
         head: dict[str, Any] = {key: f"{_T}.head.{key}" for key in ("o", "t", "ms", "x")}
-        handed = {"$min": [head["ms"], PICKUP_MS]}
-        head["ms"] = handed if caller is None else _cond(
-            {"$eq": [head["t"], _lit(caller)]}, head["ms"], handed)
+        head["ms"] = _cond({"$eq": [head["t"], f"{_T}.c"]}, head["ms"],
+                           {"$min": [head["ms"], PICKUP_MS]})
         grant = {**self._grant_fields(head), lay.stamp: f"{_T}.head.t"}
-        changed = {k: _cond(f"{_T}.grant", v, (otherwise or {}).get(k, _f(k)))
-                   for k, v in grant.items()}
-        for key, value in (otherwise or {}).items():
+        otherwise = self._released() if ending else {}
+        changed: dict[str, Any] = {k: _cond(f"{_T}.grant", v, otherwise.get(k, _f(k)))
+                                   for k, v in grant.items()}
+        for key, value in otherwise.items():
             changed.setdefault(key, _cond(f"{_T}.grant", _f(key), value))
-        changed.update(always or {})
+        if ending:
+            changed[lay.stamp] = f"{_T}.s"
         # The queue without the granted head; removed once empty.
         size = {"$size": f"{_T}.q"}
         changed[lay.waiters] = _cond(
@@ -502,17 +528,7 @@ class Kind:
             _cond({"$gt": [size, 1]}, {"$slice": [f"{_T}.q", 1, _ALL]}, REMOVE),
             _cond({"$gt": [size, 0]}, f"{_T}.q", REMOVE),
         )
-        # Three stages: every stage materializes the record again, so the
-        # shared values are computed once, in the first.
-        return [
-            {"$set": {TMP: {"$let": {"vars": {"q": queue}, "in": {
-                "q": "$$q",
-                "head": {"$arrayElemAt": ["$$q", 0]},
-                "grant": {"$and": [free, self._kind_ok(), {"$gt": [{"$size": "$$q"}, 0]}]},
-            }}}}},
-            {"$set": changed},
-            {"$unset": TMP},
-        ]
+        return [{"$set": changed}, {"$unset": TMP}]
 
     def release(self, holding: Holding, stamp: str) -> Command:
         """End the caller's unexpired lease now; the first live waiter gets it
@@ -526,8 +542,7 @@ class Kind:
 
     def _end(self, stamp: str) -> Pipeline:
         return self._settle(_live(_f(self.layout.waiters)), free=self._release_due(),
-                            otherwise=self._released(),
-                            always={self.layout.stamp: _lit(stamp)})
+                            ending=True, params={"s": _lit(stamp)})
 
     def clear_expired(self, holding: Holding, stamp: str) -> Command | None:
         """Filter: the caller's lease is recorded but expired, and nobody took it
