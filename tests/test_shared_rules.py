@@ -16,15 +16,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+import rulecheck
 from mongomock.filtering import filter_applies
-from pymongo import ReturnDocument
 
-from mongoengine_lockable._expr import apply_pipeline, evaluate, split_expr, truthy
+from mongoengine_lockable._expr import apply_pipeline, evaluate
 from mongoengine_lockable._rules import (
-    DOC_KEY,
-    NOW_KEY,
     PICKUP_MS,
-    RESULT_PROJECTION,
     RW_CAPACITY,
     WAITER_TTL_MS,
     Ask,
@@ -42,24 +39,9 @@ READ = SharedKind.reader()
 WRITE = SharedKind.writer()
 
 
-def matches(flt: dict[str, Any], doc: dict[str, Any], now: datetime) -> bool:
-    """Does ``doc`` match ``flt`` (plain part by mongomock, ``$expr`` here)?"""
-    plain, exprs = split_expr(flt)
-    return filter_applies(plain, doc) and all(  # type: ignore[no-untyped-call]
-        truthy(evaluate(e, doc, now)) for e in exprs)
-
-
 def apply(doc: dict[str, Any] | None, command: Command, now: datetime = NOW,
           name: str = "x") -> dict[str, Any] | None:
-    """The record after ``command``, as a find-and-modify leaves it; ``None``
-    when its filter does not match (nothing written)."""
-    if doc is None:
-        if not command.upsert:
-            return None
-        doc = {"_id": name}
-    elif not matches(command.filter, doc, now):
-        return None
-    return apply_pipeline(doc, command.update, now)
+    return rulecheck.apply(doc, command, now, name)
 
 
 def holder(owner: str, ticket: str, fence: int, until: datetime, weight: int = 1,
@@ -435,27 +417,7 @@ def _scenarios(now: datetime) -> list[tuple[str, dict[str, Any] | None, Command]
 
 def test_rules_give_the_same_records_on_the_server_and_the_evaluator(lockable_real_db: Any) -> None:
     coll = lockable_real_db.database["shared_rules_diff"]
-    clock = coll.database.command("hello")["localTime"].replace(tzinfo=None)
-    for label, doc, command in _scenarios(clock):
-        coll.delete_many({})
-        if doc is not None:
-            coll.insert_one(doc)
-        raw = coll.find_one_and_update(
-            combine({"_id": "x"}, command.filter), command.update, projection=RESULT_PROJECTION,
-            upsert=command.upsert, return_document=ReturnDocument.AFTER,
-        )
-        stored = coll.find_one({"_id": "x"})
-        if raw is None:
-            expected = None
-            assert doc is not None and stored == doc, label
-        else:
-            now = raw[NOW_KEY]
-            expected = apply(None if doc is None else dict(doc), command, now)
-            assert raw[DOC_KEY] == stored, label
-        if raw is None:
-            assert apply(dict(doc), command, clock) is None, label  # type: ignore[arg-type]
-        else:
-            assert stored == expected, f"{label}:\nserver {stored}\nlocal  {expected}"
+    rulecheck.same_on_server(coll, _scenarios(rulecheck.server_clock(coll)))
 
 
 def test_a_waiters_stream_hears_only_the_write_that_admits_it(lockable_real_db: Any) -> None:

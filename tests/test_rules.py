@@ -1,0 +1,357 @@
+"""The rules of single-holder leases (``DocumentKind``, ``NamedKind``).
+
+- Unit tests without a server: each command is evaluated by
+  ``mongoengine_lockable._expr`` (what mongomock runs) at a fixed ``$$NOW``,
+  from a given record: grants, refusals that write nothing, the queue and its
+  settling, hand-offs (a pickup term for a waiter granted by another's write),
+  releases, minimum holds, fences, and how a caller sees a record (``view``).
+- A differential check: every scenario's command on the real server and on
+  the evaluator, from the same record, gives the same record.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+import rulecheck
+
+from mongoengine_lockable._expr import apply_pipeline
+from mongoengine_lockable._rules import (
+    PICKUP_MS,
+    WAITER_TTL_MS,
+    Ask,
+    Command,
+    DocumentKind,
+    Holding,
+    NamedKind,
+    new_owner,
+    parse_owner,
+)
+
+NOW = datetime(2031, 5, 6, 7, 8, 9, 123000)
+NOW_MS = int((NOW - datetime(1970, 1, 1)) / timedelta(milliseconds=1))
+LATER = NOW + timedelta(seconds=30)
+EARLIER = NOW - timedelta(seconds=1)
+DOC = DocumentKind()
+NAMED = NamedKind()
+
+
+def apply(doc: dict[str, Any] | None, command: Command, now: datetime = NOW) -> Any:
+    return rulecheck.apply(doc, command, now)
+
+
+def ask(owner: str = "me", ticket: str = "tme", ms: int = 5000, **extra: Any) -> Ask:
+    return Ask(owner, ticket, ms, extra)
+
+
+def waiter(ticket: str, ms: int = 2000, alive: datetime | None = None,
+           **extra: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {"t": ticket, "o": "o-" + ticket, "ms": ms,
+                             "a": alive or NOW + timedelta(seconds=1)}
+    if extra:
+        entry["x"] = extra
+    return entry
+
+
+def held(waiters: list[dict[str, Any]] = (), **fields: Any) -> dict[str, Any]:
+    """A document held by "holder" (ticket "th", fence 3) until LATER."""
+    doc = {"_id": "x", "payload": "p", "locked_until": LATER, "locked_by": "holder",
+           "lock_fence": 3, "lock_token": "th", "lock_stamp": "th", **fields}
+    if waiters:
+        doc["lock_waiters"] = list(waiters)
+    return doc
+
+
+# -- grants -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", [
+    {},                                           # stored before the mixin was added
+    {"locked_until": None, "lock_fence": None},   # never locked, null fields
+    {"locked_until": None, "lock_fence": 7},      # released
+    {"locked_until": EARLIER, "lock_fence": 7},   # expired
+])
+def test_a_free_document_is_granted_with_the_next_fence(state: dict[str, Any]) -> None:
+    doc = {"_id": "x", "payload": "p", **state}
+    after = apply(doc, DOC.acquire(ask(), "try"))
+    assert after["locked_until"] == NOW + timedelta(milliseconds=5000)
+    assert (after["locked_by"], after["lock_token"], after["lock_stamp"]) == ("me", "tme", "tme")
+    assert after["lock_fence"] == (state.get("lock_fence") or 0) + 1
+    assert after["payload"] == "p" and "_lockable" not in after
+    assert DOC.view(after, NOW, "tme").mine
+
+
+def test_a_held_document_is_refused_and_nothing_is_written() -> None:
+    doc = held()
+    assert apply_pipeline(doc, DOC.acquire(ask(), "try").update, NOW) == doc
+
+
+def test_a_caller_that_does_not_wait_never_takes_a_lease_others_wait_for() -> None:
+    released = {"_id": "x", "locked_until": None, "lock_fence": 3,
+                "lock_waiters": [waiter("w1")]}
+    assert apply_pipeline(released, DOC.acquire(ask(), "try").update, NOW) == released
+    # A waiter not heard from for WAITER_TTL_MS no longer counts.
+    stale = {**released, "lock_waiters": [waiter("w1", alive=EARLIER)]}
+    assert apply(stale, DOC.acquire(ask(), "try"))["lock_token"] == "tme"
+    # The same rule, as the filter of a claim.
+    assert not rulecheck.matches(DOC.claimable(), released, NOW)
+    assert rulecheck.matches(DOC.claimable(), stale, NOW)
+
+
+def test_force_takes_a_held_lease_and_keeps_the_queue() -> None:
+    doc = held([waiter("w1")])
+    after = apply(doc, DOC.acquire(ask(), "force"))
+    assert (after["locked_by"], after["lock_fence"]) == ("me", 4)
+    assert after["lock_waiters"] == doc["lock_waiters"]
+
+
+def test_owner_strings_are_literals() -> None:
+    after = apply({"_id": "x"}, DOC.acquire(ask(owner="$payload", ticket="$x"), "try"))
+    assert (after["locked_by"], after["lock_token"]) == ("$payload", "$x")
+
+
+# -- the queue ---------------------------------------------------------------------------
+
+
+def test_a_waiter_queues_then_refreshes_its_place() -> None:
+    doc = held([waiter("w1")])
+    after = apply(doc, DOC.acquire(ask(), "queue"))
+    assert [w["t"] for w in after["lock_waiters"]] == ["w1", "tme"]
+    mine = after["lock_waiters"][1]
+    assert (mine["o"], mine["ms"]) == ("me", 5000)
+    assert mine["a"] == NOW + timedelta(milliseconds=WAITER_TTL_MS)
+    later = NOW + timedelta(milliseconds=300)
+    again = apply(after, DOC.acquire(ask(), "queue"), later)
+    assert [w["t"] for w in again["lock_waiters"]] == ["w1", "tme"]  # in place
+    assert again["lock_waiters"][1]["a"] == later + timedelta(milliseconds=WAITER_TTL_MS)
+    assert again["locked_by"] == "holder"
+
+
+def test_the_first_waiter_takes_a_free_lease_with_its_own_duration() -> None:
+    doc = held([waiter("tme", ms=5000), waiter("w2")], locked_until=EARLIER)
+    after = apply(doc, DOC.acquire(ask(), "queue"))
+    assert after["lock_token"] == "tme"
+    assert after["locked_until"] == NOW + timedelta(milliseconds=5000)
+    assert [w["t"] for w in after["lock_waiters"]] == ["w2"]
+
+
+def test_another_waiters_write_hands_the_head_a_pickup_term() -> None:
+    doc = held([waiter("w1", ms=60_000)], locked_until=EARLIER)
+    after = apply(doc, DOC.acquire(ask(), "queue"))  # "me" queues behind w1...
+    assert after["lock_token"] == "w1"  # ...and settles the lease on w1
+    assert after["locked_until"] == NOW + timedelta(milliseconds=PICKUP_MS)
+    assert [w["t"] for w in after["lock_waiters"]] == ["tme"]
+
+
+def test_a_holder_retrying_its_join_is_not_queued_again() -> None:
+    doc = held([waiter("w1")], lock_token="tme", locked_by="me")
+    after = apply(doc, DOC.acquire(ask(), "queue"))
+    assert [w["t"] for w in after["lock_waiters"]] == ["w1"]
+    assert after["lock_token"] == "tme"
+
+
+def test_leaving_drops_the_place_and_settles_a_free_lease() -> None:
+    doc = held([waiter("tme"), waiter("w2")])
+    after = apply(doc, DOC.leave("tme"))
+    assert [w["t"] for w in after["lock_waiters"]] == ["w2"] and after["locked_by"] == "holder"
+    free = held([waiter("tme"), waiter("w2")], locked_until=EARLIER)
+    after = apply(free, DOC.leave("tme"))
+    assert after["lock_token"] == "w2" and "lock_waiters" not in after
+
+
+def test_dead_waiters_are_dropped_and_skipped() -> None:
+    doc = held([waiter("dead", alive=EARLIER), waiter("w2")])
+    after = apply(doc, DOC.release(Holding("holder", "th"), "r1"))
+    assert after["lock_token"] == "w2" and "lock_waiters" not in after
+
+
+# -- releases ----------------------------------------------------------------------------------
+
+
+def test_a_release_without_waiters_leaves_the_document_released() -> None:
+    after = apply(held(), DOC.release(Holding("holder", "th"), "r1"))
+    assert after["locked_until"] is None and "lock_token" not in after
+    assert (after["locked_by"], after["lock_fence"], after["lock_stamp"]) == ("holder", 3, "r1")
+    assert "lock_waiters" not in after
+
+
+def test_a_release_hands_the_lease_to_the_first_waiter_in_the_same_write() -> None:
+    doc = held([waiter("w1", ms=60_000), waiter("w2")])
+    after = apply(doc, DOC.release(Holding("holder", "th"), "r1"))
+    assert (after["locked_by"], after["lock_token"], after["lock_fence"]) == ("o-w1", "w1", 4)
+    assert after["locked_until"] == NOW + timedelta(milliseconds=PICKUP_MS)  # until confirmed
+    assert after["lock_stamp"] == "r1"  # the release's own id, for a read-back
+    assert [w["t"] for w in after["lock_waiters"]] == ["w2"]
+    short = apply(held([waiter("w1", ms=300)]), DOC.release(Holding("holder", "th"), "r1"))
+    assert short["locked_until"] == NOW + timedelta(milliseconds=300)
+
+
+@pytest.mark.parametrize("holding", [Holding("holder", "other"), Holding("someone")])
+def test_a_release_of_another_acquisition_matches_nothing(holding: Holding) -> None:
+    assert apply(held(), DOC.release(holding, "r1")) is None
+    assert apply(held(locked_until=EARLIER), DOC.release(Holding("holder", "th"), "r")) is None
+
+
+def test_an_expired_lease_of_the_caller_is_cleared() -> None:
+    clear = DOC.clear_expired(Holding("holder", "th"), "r1")
+    assert clear is not None
+    assert apply(held(), clear) is None  # still held: not this command's
+    after = apply(held(locked_until=EARLIER), clear)
+    assert after["locked_until"] is None and after["lock_stamp"] == "r1"
+    assert NAMED.clear_expired(Holding("holder", "th"), "r1") is None
+
+
+def test_renew_extends_the_callers_unexpired_lease_only() -> None:
+    after = apply(held(), DOC.renew(Holding("holder", "th"), 90_000))
+    assert after["locked_until"] == NOW + timedelta(seconds=90) and after["lock_fence"] == 3
+    assert apply(held(locked_until=EARLIER), DOC.renew(Holding("holder", "th"), 9)) is None
+    assert apply(held(), DOC.renew(Holding("holder", "other"), 9)) is None
+
+
+def test_force_release_ends_exactly_the_lease_shown() -> None:
+    after = apply(held([waiter("w1")]), DOC.force_release("r1", "th"))
+    assert after["lock_token"] == "w1"
+    assert apply(held(), DOC.force_release("r1", "another-grant")) is None
+
+
+# -- named records ---------------------------------------------------------------------------
+
+
+def named_record(**fields: Any) -> dict[str, Any]:
+    return {"_id": "x", "kind": "lock", "locked_until": LATER, "owner": "holder",
+            "fence": NOW_MS - 5000, "token": "th", "stamp": "th", "host": "h", "pid": 1,
+            "acquired_at": NOW - timedelta(seconds=2), **fields}
+
+
+def test_a_named_record_is_created_by_its_first_grant() -> None:
+    after = apply(None, NAMED.acquire(ask(host="web-1", pid=42), "try"))
+    assert after["_id"] == "x" and after["kind"] == "lock"
+    assert (after["owner"], after["host"], after["pid"]) == ("me", "web-1", 42)
+    assert after["acquired_at"] == NOW and after["fence"] == NOW_MS  # from the clock
+
+
+def test_named_fences_never_go_backwards() -> None:
+    ahead = named_record(locked_until=EARLIER, fence=NOW_MS + 10_000)
+    assert apply(ahead, NAMED.acquire(ask(), "try"))["fence"] == NOW_MS + 10_001
+    behind = named_record(locked_until=EARLIER, fence=5)
+    assert apply(behind, NAMED.acquire(ask(), "try"))["fence"] == NOW_MS
+
+
+def test_a_named_release_leaves_an_expired_date_for_the_ttl_index() -> None:
+    after = apply(named_record(), NAMED.release(Holding("holder", "th"), "r1"))
+    assert after["locked_until"] == NOW and "token" not in after
+
+
+def test_a_minimum_hold_keeps_the_lock_and_the_waiter_gets_it_when_it_ends() -> None:
+    hold = NamedKind(min_hold_ms=5000)  # granted 2 s ago: 3 s of hold left
+    doc = named_record(waiters=[waiter("w1", host="h2", pid=2)])
+    after = apply(doc, hold.release(Holding("holder", "th"), "r1"))
+    assert after["locked_until"] == NOW + timedelta(seconds=3)
+    assert after["owner"] == "holder" and [w["t"] for w in after["waiters"]] == ["w1"]
+    view = hold.view(after, NOW, "w1")
+    assert view.held and view.finished and view.holder == "holder" and view.head
+    # At the end of the hold, the waiter's own attempt takes it.
+    at_end = NOW + timedelta(seconds=3)
+    granted = apply(after, hold.acquire(Ask("o-w1", "w1", 2000, {"host": "h2", "pid": 2}),
+                                        "queue"), at_end)
+    assert (granted["token"], granted["host"], granted["pid"]) == ("w1", "h2", 2)
+
+
+def test_named_records_of_another_kind_are_left_alone() -> None:
+    semaphore = {"_id": "x", "kind": "semaphore", "locked_until": EARLIER}
+    assert apply_pipeline(semaphore, NAMED.acquire(ask(), "try").update, NOW) == semaphore
+    assert NAMED.view(semaphore, NOW).foreign == "semaphore"
+
+
+# -- how a caller sees a record --------------------------------------------------------------
+
+
+def test_view() -> None:
+    doc = held([waiter("tme"), waiter("w2")])
+    view = DOC.view(doc, NOW, "tme")
+    assert (view.held, view.mine, view.holder, view.head, view.queued) == (
+        True, False, "holder", True, 2)
+    assert view.time_left == 30.0 and view.ticket == "th" and not view.finished
+    assert DOC.view(doc, NOW, "th").mine and DOC.view(doc, NOW, "th").fence == 3
+    assert not DOC.view(doc, LATER, "th").mine  # expired
+    assert not DOC.view(None, NOW).exists
+    free = DOC.view({"_id": "x"}, NOW)
+    assert free.exists and not free.held and free.time_left == 0.0
+
+
+def test_describe_for_operators() -> None:
+    owner = new_owner()
+    row = DOC.describe(held(locked_by=owner), NOW)
+    assert (row["state"], row["remaining"], row["fence"]) == ("held", 30.0, 3)
+    assert (row["host"], row["pid"]) == parse_owner(owner)
+    assert DOC.describe(held(locked_until=EARLIER), NOW)["state"] == "expired"
+    released = apply(held(), DOC.release(Holding("holder", "th"), "r1"))
+    assert DOC.describe(released, NOW)["state"] == "released"
+    assert DOC.describe({"_id": "x"}, NOW)["state"] == "free"
+    assert parse_owner("my-worker") is None and parse_owner(None) is None
+
+
+# -- differential: the real server and the evaluator ------------------------------------------
+
+
+def _scenarios(now: datetime) -> list[rulecheck.Scenario]:
+    live, dead = now + timedelta(minutes=1), now - timedelta(minutes=1)
+
+    def w(ticket: str, a: datetime = live, ms: int = 60_000) -> dict[str, Any]:
+        return {"t": ticket, "o": "o-" + ticket, "ms": ms, "a": a,
+                "x": {"host": "h", "pid": 2}}
+
+    def doc(until: Any, waiters: list[Any] = ()) -> dict[str, Any]:
+        record = {"_id": "x", "payload": "p", "locked_until": until, "locked_by": "holder",
+                  "lock_fence": 3, "lock_token": "th", "lock_stamp": "th"}
+        if waiters:
+            record["lock_waiters"] = list(waiters)
+        return record
+
+    def named(until: Any, waiters: list[Any] = (), acquired: datetime = dead) -> dict[str, Any]:
+        record = {"_id": "x", "kind": "lock", "locked_until": until, "owner": "holder",
+                  "fence": 5, "token": "th", "stamp": "th", "host": "h", "pid": 1,
+                  "acquired_at": acquired}
+        if waiters:
+            record["waiters"] = list(waiters)
+        return record
+
+    me = Ask("me", "tme", 5000, {"host": "h", "pid": 3})
+    hold = NamedKind(min_hold_ms=600_000)
+    return [
+        ("try: legacy document", {"_id": "x", "payload": "p"}, DOC.acquire(me, "try")),
+        ("try: null fields", {"_id": "x", "locked_until": None, "lock_fence": None},
+         DOC.acquire(me, "try")),
+        ("try: held", doc(live), DOC.acquire(me, "try")),
+        ("try: free, a live waiter", doc(None, [w("w1")]), DOC.acquire(me, "try")),
+        ("try: free, a dead waiter", doc(dead, [w("w1", dead)]), DOC.acquire(me, "try")),
+        ("force: held", doc(live, [w("w1")]), DOC.acquire(me, "force")),
+        ("queue: held", doc(live, [w("w1")]), DOC.acquire(me, "queue")),
+        ("queue: free, me first", doc(dead, [w("tme"), w("w2")]), DOC.acquire(me, "queue")),
+        ("queue: free, another first", doc(dead, [w("w1")]), DOC.acquire(me, "queue")),
+        ("release", doc(live), DOC.release(Holding("holder", "th"), "r1")),
+        ("release: hand-off", doc(live, [w("w1"), w("w2")]),
+         DOC.release(Holding("holder", "th"), "r2")),
+        ("release: by owner", doc(live), DOC.release(Holding("holder"), "r3")),
+        ("release: not mine", doc(live), DOC.release(Holding("holder", "nope"), "r4")),
+        ("clear expired", doc(dead), DOC.clear_expired(Holding("holder", "th"), "r5")),
+        ("renew", doc(live), DOC.renew(Holding("holder", "th"), 90_000)),
+        ("leave", doc(dead, [w("tme"), w("w2")]), DOC.leave("tme")),
+        ("force release", doc(live, [w("w1")]), DOC.force_release("r6", "th")),
+        ("named: first grant", None, NAMED.acquire(me, "try")),
+        ("named: expired", named(dead), NAMED.acquire(me, "try")),
+        ("named: held", named(live), NAMED.acquire(me, "try")),
+        ("named: release", named(live), NAMED.release(Holding("holder", "th"), "r7")),
+        ("named: release, hand-off", named(live, [w("w1")]),
+         NAMED.release(Holding("holder", "th"), "r8")),
+        ("named: minimum hold", named(live, [w("w1")], acquired=now),
+         hold.release(Holding("holder", "th"), "r9")),
+        ("named: queue", named(live), NAMED.acquire(me, "queue")),
+    ]
+
+
+def test_rules_give_the_same_records_on_the_server_and_the_evaluator(lockable_real_db: Any) -> None:
+    coll = lockable_real_db.database["rules_diff"]
+    rulecheck.same_on_server(coll, _scenarios(rulecheck.server_clock(coll)))
