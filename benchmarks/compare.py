@@ -91,6 +91,9 @@ CLAIM_INDEX = ("status", "seq", "locked_until")
 INSERT_BATCH = 10_000
 
 
+SECTIONS = ("latency", "contention", "claim", "drain")
+
+
 @dataclass(frozen=True)
 class Plan:
     """How much to measure."""
@@ -492,28 +495,54 @@ class Workers:
 # -- 2. contention ----------------------------------------------------------------
 
 
-def _contend_job(env: Env, index: int, key: str, duration: float) -> Callable[[], int]:
+def _contend_job(env: Env, index: int, key: str,
+                 duration: float) -> Callable[[], tuple[int, list[float]]]:
     acquire, release = (OURS + PEERS)[index].build(env, key)
 
-    def run() -> int:
-        count = 0
+    def run() -> tuple[int, list[float]]:
+        """Acquisitions granted within ``duration``, and each one's wait."""
+        waits: list[float] = []
         end = time.monotonic() + duration
         while time.monotonic() < end:
+            asked = time.monotonic()
             if acquire(WAIT_S):
                 granted = time.monotonic()
                 release()
-                count += granted <= end
-        return count
+                if granted <= end:
+                    waits.append(granted - asked)
+        return len(waits), waits
 
     return run
+
+
+def jain(counts: Sequence[float]) -> float:
+    """Jain's fairness index of per-process counts: 1 when all are served
+    alike, 1/n when one process gets everything."""
+    total = sum(counts)
+    squares = sum(c * c for c in counts)
+    return total * total / (len(counts) * squares) if squares else 0.0
+
+
+@dataclass
+class Contended:
+    """One contender with N processes: acquisitions/s in total, Jain's index
+    over the per-process counts, and every acquisition's wait (seconds)."""
+
+    rate: float
+    fairness: float
+    waits: list[float]
+    counts: list[int]
+
+    @property
+    def p99_wait(self) -> float:
+        return pct(self.waits, 99) if self.waits else math.inf
 
 
 @dataclass
 class Contention:
     name: str
     backend: str
-    # processes -> acquisitions/s: in total, of the least and of the most served process
-    per_procs: dict[int, tuple[float, float, float]] = field(default_factory=dict)
+    per_procs: dict[int, Contended] = field(default_factory=dict)
 
 
 def measure_contention(workers: Workers, contenders: list[Contender],
@@ -526,11 +555,23 @@ def measure_contention(workers: Workers, contenders: list[Contender],
             key = make_key(contender.name, f"contend{procs}")
             prepare_key(contender, key)
             job = ("contend", everyone.index(contender), key, plan.contention_s)
-            counts = workers.run([job] * procs, limit=plan.contention_s + WAIT_S + 30)
-            rows[contender.name].per_procs[procs] = (
-                sum(counts) / plan.contention_s, min(counts) / plan.contention_s,
-                max(counts) / plan.contention_s)
+            results = workers.run([job] * procs, limit=plan.contention_s + WAIT_S + 30)
+            counts = [count for count, _ in results]
+            rows[contender.name].per_procs[procs] = Contended(
+                rate=sum(counts) / plan.contention_s, fairness=jain(counts),
+                waits=[w for _, waits in results for w in waits], counts=counts)
     return list(rows.values())
+
+
+def contention_ratios(res: Results) -> list[tuple[int, float]]:
+    """Our named lock's acquisitions/s over mongoelector's (5 ms polling), per
+    number of processes."""
+    ours = next((c for c in res.contention if c.name == "NamedLock"), None)
+    peer = next((c for c in res.contention if c.name.startswith("mongoelector")), None)
+    if ours is None or peer is None:
+        return []
+    return [(n, ours.per_procs[n].rate / peer.per_procs[n].rate)
+            for n in sorted(ours.per_procs) if peer.per_procs[n].rate]
 
 
 # -- 3. claim() vs collection size -----------------------------------------------------
@@ -819,6 +860,32 @@ class Results:
         return ours.p50 / raw.p50
 
 
+def render_contention(res: Results) -> str:
+    plan = res.plan
+    sub = "Contention: one lock, many processes"
+    procs = plan.procs
+    out = [sub, "^" * len(sub), "",
+            f"N processes loop acquire (waiting up to {WAIT_S} s) + release on ONE lock for "
+            f"{plan.contention_s:g} s, contenders interleaved; per cell: acquisitions per "
+            "second in total, Jain's fairness index over the per-process counts (1: all "
+            "served alike; 1/N: one process takes everything), and the p99 of the time "
+            "from an acquire call to its grant. Our locks queue their waiters in the "
+            "record, a release hands the lease to the next one in the same write and "
+            f"only that waiter is woken (change stream); mongoelector and redis-py poll "
+            f"every {POLL_S * 1e3:g} ms; python-redis-lock blocks on BLPOP.", ""]
+    out.append(rst_table(
+        ["contender", "backend", *[f"{n} processes: acq/s, Jain, p99 wait" for n in procs]],
+        [[c.name, c.backend, *[f"{c.per_procs[n].rate:,.0f}, {c.per_procs[n].fairness:.3f}, "
+                               f"{ms(c.per_procs[n].p99_wait)} ms" for n in procs]]
+         for c in res.contention]))
+    ratios = contention_ratios(res)
+    if ratios:
+        out += ["", "NamedLock / mongoelector (5 ms polling), acquisitions/s: "
+                + ", ".join(f"{n} processes {r:.2f}x" for n, r in ratios) + "."]
+    out.append("")
+    return "\n".join(out)
+
+
 def render(res: Results) -> str:
     plan = res.plan
     raw = next(r for r in res.latency if r.name == "raw pymongo pair")
@@ -847,21 +914,7 @@ def render(res: Results) -> str:
          for r in res.latency]))
     out.append("")
 
-    sub = "Contention: one lock, many processes"
-    procs = plan.procs
-    out += [sub, "^" * len(sub), "",
-            f"N processes loop acquire (waiting up to {WAIT_S} s) + release on ONE lock for "
-            f"{plan.contention_s:g} s; acquisitions per second in total, and in brackets "
-            "those of the least and the most served process (an unfair lock "
-            "lets its releaser take it again). Our locks wait on a change stream; "
-            f"mongoelector and redis-py poll every {POLL_S * 1e3:g} ms; python-redis-lock "
-            "blocks on BLPOP.", ""]
-    out.append(rst_table(
-        ["contender", "backend", *[f"{n} processes (acq/s)" for n in procs]],
-        [[c.name, c.backend, *[f"{c.per_procs[n][0]:,.0f} ({c.per_procs[n][1]:,.0f}-"
-                               f"{c.per_procs[n][2]:,.0f})" for n in procs]]
-         for c in res.contention]))
-    out.append("")
+    out += render_contention(res).split("\n")
 
     sub = "claim() and collection size"
     base = res.claims[0]
@@ -971,7 +1024,7 @@ def chart(res: Results, path: Path) -> None:
     ax = axes[0][1]
     for c in res.contention:
         procs = sorted(c.per_procs)
-        ax.plot(procs, [c.per_procs[n][0] for n in procs], marker="o", label=c.name,
+        ax.plot(procs, [c.per_procs[n].rate for n in procs], marker="o", label=c.name,
                 color=colors.get(c.name))
     ax.set_xticks(list(res.plan.procs))
     ax.set_yscale("log")
@@ -1060,6 +1113,9 @@ def main() -> None:
                         "quick: 2,000)")
     parser.add_argument("--out-dir", type=Path,
                         default=Path(__file__).resolve().parent.parent / "docs")
+    parser.add_argument("--only", choices=SECTIONS, action="append", metavar="SECTION",
+                        help=f"run only this section ({', '.join(SECTIONS)}; repeatable); "
+                        "prints its table and writes no files")
     args = parser.parse_args()
     try:
         import matplotlib  # noqa: F401  # fail now, not after the run
@@ -1100,16 +1156,27 @@ def main() -> None:
             workers = Workers(max(*plan.procs, plan.drain_procs), env)
             stack.callback(workers.close)
         contenders = OURS + peers
-        with section("latency", phases, load):
-            latency = measure_latency(env, contenders, plan)
-        with section("contention", phases, load):
-            contention = measure_contention(workers, contenders, plan)
-        with section("claim", phases, load):
-            claims, explained = measure_claims(plan, capture)
-        with section("drain", phases, load):
-            drains = measure_drain(workers, plan)
+        wanted = set(args.only or SECTIONS)
+        latency, contention, claims, explained, drains = [], [], [], [], []
+        if "latency" in wanted:
+            with section("latency", phases, load):
+                latency = measure_latency(env, contenders, plan)
+        if "contention" in wanted:
+            with section("contention", phases, load):
+                contention = measure_contention(workers, contenders, plan)
+        if "claim" in wanted:
+            with section("claim", phases, load):
+                claims, explained = measure_claims(plan, capture)
+        if "drain" in wanted:
+            with section("drain", phases, load):
+                drains = measure_drain(workers, plan)
     res = Results(when, "quick" if args.quick else "full", machine, load, latency, contention,
                   claims, explained, drains, PEERS, phases, plan)
+    if args.only:
+        print(render_contention(res) if contention else "", flush=True)
+        for row in latency:
+            print(f"{row.name}: p50 {ms(row.p50)} ms, p99 {ms(row.p99)} ms")
+        return
     text = render(res)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "benchmark.rst").write_text(text + "\n")

@@ -80,6 +80,10 @@ RENEW_FRACTION = 1 / 3
 RETRY_FRACTION = 1 / 10
 #: Longest a keepalive sleeps in one go (``Event.wait`` overflows on huge values).
 MAX_KEEPALIVE_SLEEP = 3600.0
+#: A lease handed over for the short pickup term is confirmed this long after
+#: it was seen (a quarter of the term): a holder that releases sooner never
+#: sends the confirmation, and a failed one still has time to be retried.
+CONFIRM_AFTER = PICKUP_MS / 4000
 
 
 def is_ambiguous(exc: BaseException) -> bool:
@@ -705,7 +709,7 @@ class Lease:
         if held is None or held.lost:
             return None
         if held.confirm:
-            return 0.0
+            return min(max(held.anchor + CONFIRM_AFTER - self.clock(), 0.0), MAX_KEEPALIVE_SLEEP)
         due = held.anchor + held.term / 1000 * RENEW_FRACTION - self.clock()
         return min(max(due, 0.0), MAX_KEEPALIVE_SLEEP)
 

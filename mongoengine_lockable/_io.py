@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -443,17 +444,19 @@ def run(steps: Steps[T], io: SyncIO, *, track: bool = False) -> T:
             session.end_session()
 
 
-_closer: ThreadPoolExecutor | None = None
+_closer: tuple[int, ThreadPoolExecutor] | None = None
 _closer_lock = threading.Lock()
 
 
 def _closing() -> ThreadPoolExecutor:
-    """The one background thread that closes finished waiters' streams."""
+    """The one background thread that closes finished waiters' streams (one
+    per process: a forked child starts its own)."""
     global _closer
     with _closer_lock:
-        if _closer is None:
-            _closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lockable-closer")
-        return _closer
+        if _closer is None or _closer[0] != os.getpid():
+            _closer = (os.getpid(), ThreadPoolExecutor(max_workers=1,
+                                                        thread_name_prefix="lockable-closer"))
+        return _closer[1]
 
 
 def _close(wakers: list[Any], session: Any) -> None:

@@ -1,92 +1,148 @@
 """Blocking faces of the lease policy: :class:`BlockingLease` runs a
-:class:`~mongoengine_lockable._engine.Lease`'s steps with a blocking executor
-and keeps the lease alive from a background thread.
+:class:`~mongoengine_lockable._engine.Lease`'s steps with a blocking executor,
+and :class:`Keeper` keeps leases alive.
 
-The thread holds only a weak reference to its lease, so a forgotten holder can
-still be garbage-collected (and its lease then expires); it renews at a third of
-the lease's duration, each renewal bounded by the time the lease has left, and
-fires ``lock_lost`` when a renewal finds the lease gone or when renewals keep
-failing until the local deadline passes. ``release()`` stops and joins it, so no
-thread outlives its lease.
+One keeper serves every lease of the process: a scheduler thread wakes when
+the next renewal is due and hands it to a small pool of renewal threads (a
+renewal held up by an unreachable server does not hold up the others'). A
+lease is scheduled by a weak reference, so a forgotten holder can still be
+garbage-collected (and its lease then expires). Each lease is renewed at a
+third of its duration, each renewal bounded by the time the lease has left;
+``lock_lost`` fires when a renewal finds it gone, or when renewals keep failing
+until the local deadline passes. A lease handed over for a short pickup term
+is confirmed the same way. ``release()`` cancels the lease's renewals and waits
+for one in flight, so no renewal outlives its release; no thread is started or
+stopped per lease.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import os
 import threading
+import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ._engine import Lease, Result
 from ._io import SyncIO, run
 from ._rules import View
 
-__all__ = ["BlockingLease", "KeepAlive"]
+__all__ = ["BlockingLease", "Keeper", "keeper"]
 
 log = logging.getLogger("mongoengine_lockable.keepalive")
 
+#: Renewal threads of the keeper (renewals of different leases in parallel).
+RENEWAL_THREADS = 4
 
-class KeepAlive:
-    """Renews ``lease`` from a daemon thread until stopped, lost or released;
-    with ``forever=False``, only until a lease handed over for a short term
-    is confirmed."""
 
-    def __init__(self, lease: BlockingLease, *, forever: bool = True) -> None:
-        self._lease = weakref.ref(lease)
-        self._forever = forever
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"lockable-keepalive {lease.lease.what}", daemon=True
-        )
-        self._thread.start()
+class Keeper:
+    """Renews the leases scheduled with it, each when it is due."""
 
-    def _run(self) -> None:
-        lease = self._lease()
-        delay = None if lease is None else lease.lease.keepalive_delay()
-        del lease
-        while delay is not None and not self._stop.wait(delay):
-            lease = self._lease()
-            if lease is None:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, weakref.ref[BlockingLease]]] = []
+        self._seq = itertools.count()
+        self._pid = -1
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _start(self) -> None:
+        """Start the threads: on first use, and again in a forked child (the
+        parent's threads do not exist there)."""
+        with _START_LOCK:
+            if self._pid == os.getpid():
                 return
+            self._cond = threading.Condition()
+            self._heap = []
+            self._pool = ThreadPoolExecutor(RENEWAL_THREADS,
+                                            thread_name_prefix="lockable-keepalive")
+            threading.Thread(target=self._schedule_loop, name="lockable-keeper",
+                             daemon=True).start()
+            self._pid = os.getpid()
+
+    def schedule(self, lease: BlockingLease, delay: float) -> None:
+        """Renew ``lease`` in ``delay`` seconds (replacing what was scheduled)."""
+        if self._pid != os.getpid():
+            self._start()
+        with self._cond:
+            seq = next(self._seq)
+            lease._keep_seq = seq
+            heapq.heappush(self._heap, (time.monotonic() + delay, seq, weakref.ref(lease)))
+            self._cond.notify()
+
+    def scheduled(self) -> int:
+        """How many leases wait for a renewal (for tests and operators)."""
+        with self._cond:
+            return sum(1 for _, seq, ref in self._heap
+                       if (lease := ref()) is not None and lease._keep_seq == seq)
+
+    def _schedule_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    timeout = None if not self._heap else self._heap[0][0] - time.monotonic()
+                    self._cond.wait(timeout)
+                _, seq, ref = heapq.heappop(self._heap)
+            lease = ref()
+            if lease is not None and lease._keep_seq == seq:
+                assert self._pool is not None
+                self._pool.submit(self._renew, lease, seq)
+            del lease
+
+    def _renew(self, lease: BlockingLease, seq: int) -> None:
+        with lease._renewing:
+            if lease._keep_seq != seq:
+                return  # released, or scheduled again, meanwhile
             try:
                 delay = run(lease.lease.keep(), lease.io)
-                if not self._forever and lease.lease.held is not None and \
-                        not lease.lease.held.confirm:
-                    return  # confirmed: nothing more to do
             except Exception:  # pragma: no cover - keep() handles database errors
                 log.exception("keepalive of %s failed", lease.lease.what)
+                delay = None
+            held = lease.lease.held
+            confirming = held is not None and held.confirm
+            if delay is None or not (lease._forever or confirming):
+                lease._keep_seq = None
                 return
-            finally:
-                del lease
+            self.schedule(lease, delay)
 
-    def stop(self) -> None:
-        """Stop renewing and wait for an in-flight renewal to finish."""
-        self._stop.set()
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
+
+_START_LOCK = threading.Lock()
+_KEEPER = Keeper()
+
+
+def keeper() -> Keeper:
+    """The keeper of this process."""
+    return _KEEPER
 
 
 class BlockingLease:
-    """A :class:`Lease` with a blocking executor and its keepalive thread: what
-    every blocking face (documents, named locks, semaphores) acquires,
-    releases and renews through."""
+    """A :class:`Lease` with a blocking executor, kept alive by the process's
+    :class:`Keeper`: what every blocking face (documents, named locks,
+    semaphores) acquires, releases and renews through."""
 
     def __init__(self, lease: Lease, io: SyncIO) -> None:
         self.lease = lease
         self.io = io
-        self._keeper: KeepAlive | None = None
+        #: The sequence number of this lease's scheduled renewal (``None``: none).
+        self._keep_seq: int | None = None
+        self._forever = False
+        #: Held while a renewal of this lease runs: a release waits for it.
+        self._renewing = threading.Lock()
 
     def _stop_keepalive(self) -> None:
-        keeper, self._keeper = self._keeper, None
-        if keeper is not None:
-            keeper.stop()
+        if self._keep_seq is not None:
+            with self._renewing:
+                self._keep_seq = None
 
     def acquire(self, owner: str, ms: int, *, wait: float | None, keepalive: bool = False,
                 **grant: Any) -> Result | None:
         """Acquire (:meth:`Lease.acquire`, which ``grant`` goes to: ``force``,
-        ``extra``); with ``keepalive``, renew from a background thread until
-        :meth:`release`. A lease handed over for a short term is confirmed
-        from that thread at once, with or without ``keepalive``."""
+        ``extra``); with ``keepalive``, renew it until :meth:`release`. A
+        lease handed over for a short term is confirmed in time, with or
+        without ``keepalive``."""
         self._stop_keepalive()
         result = run(self.lease.acquire(owner, ms, wait=wait, **grant), self.io,
                      track=wait != 0)
@@ -96,11 +152,13 @@ class BlockingLease:
         return result
 
     def keep_alive(self, *, forever: bool = True) -> None:
-        """Start renewing the held lease from a background thread (with
-        ``forever=False``: only to confirm a lease handed over for a short
-        term)."""
-        self._stop_keepalive()
-        self._keeper = KeepAlive(self, forever=forever)
+        """Renew the held lease until it is released (with ``forever=False``:
+        only to confirm a lease handed over for a short term)."""
+        delay = self.lease.keepalive_delay()
+        if delay is None:
+            return
+        self._forever = forever
+        keeper().schedule(self, delay)
 
     def release(self, owner: str | None = None) -> Result:
         if owner is None or (self.lease.held is not None and self.lease.held.owner == owner):

@@ -268,7 +268,7 @@ def test_a_grant_heard_in_a_change_event_ends_the_wait_and_needs_confirming() ->
     held = handle.held
     assert held is not None and held.fence == 7
     assert held.confirm  # a pickup term: to be renewed to 5 s at once
-    assert handle.keepalive_delay() == 0.0
+    assert 0 <= (handle.keepalive_delay() or 0) <= 0.2
     # Counted from the last attempt's send: never longer than granted.
     assert handle.remaining() <= PICKUP_MS / 1000 + 0.4
 

@@ -23,6 +23,7 @@ from mongoengine_lockable import (
     exclusive,
     signals,
 )
+from mongoengine_lockable._keepalive import keeper
 
 
 class HoldJob(LockableMixin, Document):
@@ -230,17 +231,22 @@ def test_waiting_on_a_document_whose_shard_key_includes_the_primary_key(model: A
 @pytest.mark.timeout(60)
 @pytest.mark.usefixtures("lockable_db")
 def test_keepalive_on_a_lease_of_years_keeps_running() -> None:
+    before = keeper().scheduled()
     job = HoldJob(payload="x").save()
     years = timedelta(days=365 * 30)
     assert job.lock(years, keepalive=True)
-    time.sleep(0.3)
-    threads = [t for t in threading.enumerate() if t.name.startswith("lockable-keepalive")]
-    assert threads and all(t.is_alive() for t in threads)
+    assert keeper().scheduled() == before + 1
+    # A short lease taken after it is still renewed on time: the keeper does
+    # not sleep through the far renewal of the long one.
+    short = HoldJob(payload="y").save()
+    assert short.lock(0.3, keepalive=True)
+    time.sleep(1.0)
+    assert short.is_locked() and short.owns_lock()
+    assert [t for t in threading.enumerate() if t.name == "lockable-keeper"]
     assert job.lease_remaining() > years.total_seconds() - 5
     job.release()
-    for thread in threads:
-        thread.join(5)
-        assert not thread.is_alive()
+    short.release()
+    assert keeper().scheduled() == before
 
 
 @pytest.mark.timeout(60)

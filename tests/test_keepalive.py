@@ -8,8 +8,9 @@ On the real server, with 1 s leases (renewed every third of a second):
   record for a named lock), ``lock_lost`` fires within about one renewal
   interval, and the holder's release (or the ``with`` block's exit) raises
   ``LockNotOwnedError``;
-- no keepalive thread outlives its lease: after ``release()``, or after the
-  holder was forgotten and garbage-collected.
+- no renewal outlives its lease: after ``release()``, or after the holder was
+  forgotten and garbage-collected; the process's keeper renews every lease
+  with the same few threads (none is started per lease).
 
 This file is also the worker script of its process test: run as
 ``python tests/test_keepalive.py probe JSON`` it connects MongoEngine itself
@@ -34,6 +35,7 @@ import pytest
 from bson import ObjectId
 
 from mongoengine_lockable import LockableMixin, LockNotOwnedError, NamedLock, signals
+from mongoengine_lockable._keepalive import RENEWAL_THREADS, keeper
 from mongoengine_lockable._named import DEFAULT_COLLECTION
 
 from _children import Child, Children, ready_then_wait_for_go, run_worker, say
@@ -52,8 +54,12 @@ class KeepJob(LockableMixin, mongoengine.Document):
     meta = {"collection": "test_keepalive_jobs"}
 
 
-def keepalive_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("lockable-keepalive")]
+def keeper_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("lockable-keep")]
+
+
+def scheduled() -> int:
+    return keeper().scheduled()
 
 
 class Holder:
@@ -179,6 +185,7 @@ def test_loss_fires_lock_lost_and_release_raises(
     lockable_real_db: Any, kind: str, lost: list[Any]
 ) -> None:
     held = Holder(kind, lockable_real_db)
+    before = scheduled()
     held.take()
     time.sleep(0.1)
     held.steal()
@@ -195,9 +202,8 @@ def test_loss_fires_lock_lost_and_release_raises(
     else:
         assert sender is held.holder
         assert kwargs["name"] == held.name
-    # The keepalive thread stopped renewing once the lease was gone.
-    what = repr(held.doc.pk) if kind == "document" else repr(held.name)
-    wait_for(lambda: not any(what in t.name for t in keepalive_threads()))
+    # Renewals stopped once the lease was gone.
+    wait_for(lambda: scheduled() == before)
     with pytest.raises(LockNotOwnedError):
         held.holder.release()
     assert len(lost) == 1
@@ -228,48 +234,74 @@ def test_with_block_exit_chains_the_loss_to_the_blocks_error(
     assert isinstance(caught.value.__context__, ValueError)
 
 
-# -- threads ----------------------------------------------------------------------------------
+# -- renewals and threads -------------------------------------------------------------------
+
+
+def expiry(held: Holder) -> Any:
+    """The lease's expiry as stored (``None`` once released)."""
+    if held.kind == "document":
+        return KeepJob._get_collection().find_one({"_id": held.doc.pk})["locked_until"]
+    record = held.db.database[DEFAULT_COLLECTION].find_one({"_id": held.name})
+    return None if record is None else record.get("expires")
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_release_ends_the_keepalive_thread(lockable_real_db: Any, kind: str) -> None:
-    # Counted by name: pymongo's own threads come and go, so the process's
-    # thread count (threading.active_count()) is no baseline.
-    before = set(keepalive_threads())
+def test_release_ends_the_renewals(lockable_real_db: Any, kind: str) -> None:
+    before = scheduled()
     held = Holder(kind, lockable_real_db)
     for _ in range(3):
         held.take()
-        (thread,) = set(keepalive_threads()) - before
-        assert thread.daemon
-        held.holder.release()  # joins the thread
-        assert not thread.is_alive()
-        assert set(keepalive_threads()) == before
+        assert scheduled() == before + 1
+        held.holder.release()  # waits for a renewal in flight
+        assert scheduled() == before
+    # Nothing renews the released lease: its record stays released through
+    # several renewal intervals.
+    after = expiry(held)
+    time.sleep(LEASE)
+    assert expiry(held) == after
 
 
-def test_no_thread_without_keepalive(lockable_real_db: Any) -> None:
-    baseline = len(keepalive_threads())
+def test_no_renewal_without_keepalive(lockable_real_db: Any) -> None:
+    before = scheduled()
     doc = KeepJob(payload="p").save()
     assert doc.lock(LEASE)
     lock = NamedLock(f"plain-{ObjectId()}", duration=LEASE)
     assert lock.acquire()
-    assert len(keepalive_threads()) == baseline
+    assert scheduled() == before
     doc.release()
     lock.release()
 
 
+def test_many_leases_share_the_keepers_threads(lockable_real_db: Any) -> None:
+    holders = [Holder(kind, lockable_real_db) for kind in KINDS * 5]
+    for held in holders:
+        held.take()
+    threads = keeper_threads()
+    # One scheduler and at most the renewal pool, however many leases.
+    assert 1 <= len(threads) <= 1 + RENEWAL_THREADS
+    assert all(t.daemon for t in threads)
+    time.sleep(LEASE * 1.5)  # renewed a few times, by the same threads
+    assert all(held.holds() for held in holders)
+    assert len(keeper_threads()) <= 1 + RENEWAL_THREADS
+    for held in holders:
+        held.holder.release()
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_forgotten_holder_leaves_no_thread(lockable_real_db: Any, kind: str) -> None:
-    before = set(keepalive_threads())
+def test_a_forgotten_holder_is_no_longer_renewed(lockable_real_db: Any, kind: str) -> None:
+    before = scheduled()
     held = Holder(kind, lockable_real_db)
     held.take()
-    (thread,) = set(keepalive_threads()) - before
+    assert scheduled() == before + 1
     ref = weakref.ref(held.holder)
-    del held
+    del held.holder
     # A renewal in flight holds the holder for a moment: collect until it is gone.
     wait_for(lambda: gc.collect() is not None and ref() is None, timeout=5)
-    thread.join(timeout=5)
-    assert not thread.is_alive()
-    assert thread not in keepalive_threads()
+    assert scheduled() == before
+    # Its lease runs out on the server: nothing renews it any more.
+    last = expiry(held)
+    time.sleep(LEASE * 1.2)
+    assert expiry(held) == last
 
 
 # -- the prober process ------------------------------------------------------------------------
