@@ -339,6 +339,23 @@ class MockIO(SyncIO):
             if all(_expr.truthy(_expr.evaluate(e, doc, now)) for e in exprs):
                 yield doc
 
+    def _swap(self, key: Any, changed: dict[str, Any], removed: dict[str, Any]) -> None:
+        """Store the document with fields added or removed as a new object.
+
+        mongomock edits a stored document in place, and another thread reading
+        that document meanwhile (a ``find_one`` outside the lease's guard)
+        fails with "dictionary changed size during iteration" when a field
+        comes or goes; a new object leaves such readers the old one whole.
+        """
+        from mongomock import helpers
+
+        store = self.collection._store
+        stored_key = helpers.hashdict(key) if isinstance(key, dict) else key
+        current = store[stored_key]
+        swapped = {k: v for k, v in current.items() if k not in removed}
+        swapped.update(copy.deepcopy(changed))
+        store[stored_key] = swapped
+
     def _write(
         self, doc: dict[str, Any], update: Any, now: datetime, upsert: bool
     ) -> dict[str, Any]:
@@ -353,7 +370,9 @@ class MockIO(SyncIO):
             removed = {k: "" for k in doc if k not in new}
             if removed:
                 changes["$unset"] = removed
-            if changes or upsert:
+            if (changed.keys() - doc.keys() or removed) and "_id" in doc and len(doc) > 1:
+                self._swap(new["_id"], changed, removed)
+            elif changes or upsert:
                 self.collection.update_one({"_id": new["_id"]}, changes or {"$set": {}},
                                            upsert=upsert)
             found: dict[str, Any] | None = self.collection.find_one({"_id": new["_id"]})

@@ -6,6 +6,7 @@ on a duration of years). Both backends."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from datetime import datetime, timedelta
@@ -271,3 +272,49 @@ def test_a_handed_over_lease_is_confirmed_to_its_full_duration() -> None:
     assert job.owns_lock() is True
     job.update_if_held(set__payload="done")
     job.release()
+
+
+def test_raw_reads_in_other_threads_survive_queue_writes_on_mongomock(
+    lockable_mongomock_db: Any,
+) -> None:
+    """mongomock edits a stored document in place; the library's writes that
+    add or remove a field (a waiter joining or leaving the queue) store a new
+    object instead, so that a thread reading the document meanwhile (outside
+    the lease's guard, as application code does) never sees it change size."""
+    job = HoldJob(payload="x").save()
+    collection = HoldJob._get_collection()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                assert collection.find_one({"_id": job.pk}) is not None
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    def queue(index: int) -> None:
+        mine = HoldJob.objects.get(pk=job.pk)
+        try:
+            for _ in range(15):
+                assert mine.lock(5, wait=10)
+                mine.release()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        readers = [threading.Thread(target=read, daemon=True) for _ in range(2)]
+        queuers = [threading.Thread(target=queue, args=(i,), daemon=True) for i in range(4)]
+        for thread in readers + queuers:
+            thread.start()
+        for thread in queuers:
+            thread.join(60)
+        stop.set()
+        for thread in readers:
+            thread.join(10)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[0]
+    assert not any(thread.is_alive() for thread in readers + queuers)
