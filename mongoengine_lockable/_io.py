@@ -349,9 +349,9 @@ class MockIO(SyncIO):
         """
         from mongomock import helpers
 
-        store = self.collection._store
+        store: Any = self.collection._store
         stored_key = helpers.hashdict(key) if isinstance(key, dict) else key
-        current = store[stored_key]
+        current: dict[str, Any] = store[stored_key]
         swapped = {k: v for k, v in current.items() if k not in removed}
         swapped.update(copy.deepcopy(changed))
         store[stored_key] = swapped
