@@ -100,47 +100,57 @@ def _result(raw: Mapping[str, Any] | None) -> Result:
 
 
 class ChangeStreamWaker:
-    """Blocks on a change stream until an event, a timeout, or its failure
-    (after which the waiter polls: :meth:`pause` returns ``None`` at once)."""
+    """What a waiter blocks on with pymongo: a change stream, read until an
+    event, a timeout, or its failure (after which the waiter polls: a pause
+    returns ``None`` at once). Its reads are driver calls (:class:`Call`),
+    sent by the blocking executor and awaited by the asyncio one."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
         self.broken = False
 
-    def pause(self, timeout: float) -> dict[str, Any] | None:
+    def pausing(self, timeout: float, sleep: Callable[[float], Any]) -> Generator[Call, Any, Any]:
+        """The calls of one pause; ``sleep`` is the executor's."""
         if self.broken:
-            time.sleep(min(timeout, 0.05))
+            yield Call(sleep, min(timeout, 0.05))
             return None
         end = time.monotonic() + timeout
         try:
             while time.monotonic() < end:
-                # Each read blocks for at most STREAM_AWAIT_MS (it may end the
+                # Each read waits for at most STREAM_AWAIT_MS (it may end the
                 # pause that much late), and returns as soon as an event comes.
-                event: dict[str, Any] | None = self._stream.try_next()
+                event: dict[str, Any] | None = yield Call(self._stream.try_next)
                 if event is not None:
                     return event
             return None
         except PyMongoError as exc:
             log.warning("change stream failed (%s); polling for the rest of this wait", exc)
-            self.close()
             self.broken = True
+            yield from self.closing()
             return None
 
-    def close(self) -> None:
+    def closing(self) -> Generator[Call, Any, None]:
+        """The call that closes the stream."""
         try:
-            self._stream.close()
+            yield Call(self._stream.close)
         except PyMongoError:  # pragma: no cover - closing a dead cursor
             pass
 
+    def close(self) -> None:
+        drive(self.closing(), _invoke)
+
 
 class Call:
-    """One driver call of an executor: ``method(**kwargs)``. ``listed``: the
-    method returns a cursor, read to its end."""
+    """One call of an executor: ``method(*args, **kwargs)`` (a driver's
+    method, or the executor's ``sleep``). ``listed``: the method returns a
+    cursor, read to its end."""
 
-    __slots__ = ("kwargs", "listed", "method")
+    __slots__ = ("args", "kwargs", "listed", "method")
 
-    def __init__(self, method: Callable[..., Any], *, listed: bool = False, **kwargs: Any) -> None:
+    def __init__(self, method: Callable[..., Any], *args: Any, listed: bool = False,
+                 **kwargs: Any) -> None:
         self.method = method
+        self.args = args
         self.kwargs = kwargs
         self.listed = listed
 
@@ -163,21 +173,31 @@ class Executor:
         )
         self._majority = self.collection.with_options(read_concern=ReadConcern("majority"))
 
+    #: How the executor sleeps (``time.sleep``, ``asyncio.sleep``).
+    sleep: Callable[[float], Any] = staticmethod(time.sleep)
+
     def localize(self, flt: Filter) -> Filter:
         """``flt`` as a queryset of the caller's may run it (unchanged: the
         server evaluates ``$$NOW``)."""
         return flt
 
-    def calls(self, request: Any, session: Any) -> Generator[Call, Any, Any]:
-        """The driver calls that answer a database request (:class:`Modify`,
-        :class:`ModifyMany`, :class:`Read`, :class:`ReadMany`, :class:`Watch`),
-        and the answer: one call, or two for a retried write that came back
-        without its projection. A :class:`Watch` answers the change stream, or
-        ``None`` where the server has none.
+    def calls(self, request: Any, session: Any, wakers: list[Any]) -> Generator[Call, Any, Any]:
+        """The calls that answer one of the engine's requests, and the answer:
+        one driver call, or two for a retried write that came back without its
+        projection; a :class:`Watch` answers a :class:`ChangeStreamWaker`
+        (added to ``wakers``), or ``None`` where the server has no change
+        streams; a :class:`Pause` reads that stream, a :class:`Sleep` sleeps.
 
-        The blocking and the asyncio executors both send exactly these
-        (:func:`drive` and its asyncio twin): one copy of every option.
+        The blocking and the asyncio executors both make exactly these calls
+        (:func:`drive` sends them, the asyncio executor awaits them): one copy
+        of every option.
         """
+        if isinstance(request, Pause):
+            event = yield from request.waker.pausing(request.seconds, self.sleep)
+            return event
+        if isinstance(request, Sleep):
+            yield Call(self.sleep, request.seconds)
+            return None
         if isinstance(request, Modify):
             options: dict[str, Any] = {}
             if request.hint is not None:
@@ -229,7 +249,9 @@ class Executor:
                 # A standalone server has no change streams.
                 log.debug("no change stream on %s (%s): polling", self.collection.full_name, exc)
                 return None
-            return stream
+            waker = ChangeStreamWaker(stream)
+            wakers.append(waker)
+            return waker
         raise TypeError(f"unknown request {request!r}")  # pragma: no cover
 
 
@@ -240,7 +262,7 @@ def bounded(request: Any) -> Any:
 
 
 def _invoke(call: Call) -> Any:
-    result = call.method(**call.kwargs)
+    result = call.method(*call.args, **call.kwargs)
     return list(result) if call.listed else result
 
 
@@ -258,18 +280,8 @@ class SyncIO(Executor):
         return session
 
     def do(self, request: Any, session: Any, wakers: list[Any]) -> Any:
-        if isinstance(request, Pause):
-            return request.waker.pause(request.seconds)
-        if isinstance(request, Sleep):
-            time.sleep(request.seconds)
-            return None
         with bounded(request):
-            answer = drive(self.calls(request, session), _invoke)
-        if isinstance(request, Watch) and answer is not None:
-            waker = ChangeStreamWaker(answer)
-            wakers.append(waker)
-            return waker
-        return answer
+            return drive(self.calls(request, session, wakers), _invoke)
 
 
 def _find_options(request: ReadMany) -> dict[str, Any]:
@@ -355,6 +367,11 @@ class MockWaker:
                     ):
                         return event
             return None
+
+    def pausing(self, timeout: float, sleep: Callable[[float], Any]) -> Generator[Call, Any, Any]:
+        """The (blocking) call of one pause."""
+        event = yield Call(self.pause, timeout)
+        return event
 
     def pause(self, timeout: float) -> dict[str, Any] | None:
         end = time.monotonic() + min(timeout, self.MAX_POLL)

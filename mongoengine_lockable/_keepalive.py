@@ -16,13 +16,13 @@ import logging
 import threading
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 from ._engine import Lease, Result
 from ._io import SyncIO, run
 from ._rules import View
 
-__all__ = ["BlockingLease", "KeepAlive"]
+__all__ = ["BlockingLease", "KeepAlive", "LeaseHandle"]
 
 log = logging.getLogger("mongoengine_lockable.keepalive")
 
@@ -42,18 +42,13 @@ class KeepAlive:
         self._thread.start()
 
     def _run(self) -> None:
-        lease = self._lease()
-        delay = None if lease is None else lease.lease.keepalive_delay()
-        del lease
+        delay = LeaseHandle.first_delay(self._lease)
         while delay is not None and not self._stop.wait(delay):
             lease = self._lease()
             if lease is None:
                 return
             try:
-                delay = run(lease.lease.keep(), lease.io)
-                if not self._forever and lease.lease.held is not None and \
-                        not lease.lease.held.confirm:
-                    return  # confirmed: nothing more to do
+                delay = lease.kept(run(lease.lease.keep(), lease.io), self._forever)
             except Exception:  # pragma: no cover - keep() handles database errors
                 log.exception("keepalive of %s failed", lease.lease.what)
                 return
@@ -67,14 +62,60 @@ class KeepAlive:
             self._thread.join()
 
 
-class BlockingLease:
+class LeaseHandle:
+    """A :class:`Lease` with an executor: what a blocking or an asyncio
+    handle decides alike, without I/O."""
+
+    def __init__(self, lease: Lease, io: Any) -> None:
+        self.lease = lease
+        self.io = io
+
+    def keep_alive(self, *, forever: bool = True) -> None:
+        raise NotImplementedError
+
+    def acquired(self, result: Result | None, keepalive: bool) -> Result | None:
+        """After an acquisition that answered ``result``: keep the lease alive
+        if asked to (``keepalive``), or until a hand-off is confirmed."""
+        held = self.lease.held
+        if result is not None and held is not None and (keepalive or held.confirm):
+            self.keep_alive(forever=keepalive)
+        return result
+
+    def releases_own(self, owner: str | None) -> bool:
+        """Does a release by ``owner`` end this handle's own lease (so its
+        keeper stops)?"""
+        held = self.lease.held
+        return owner is None or (held is not None and held.owner == owner)
+
+    def remaining(self) -> float:
+        return self.lease.remaining()
+
+    @staticmethod
+    def first_delay(ref: Callable[[], LeaseHandle | None]) -> float | None:
+        """Seconds until the first keepalive step of the handle ``ref``
+        refers to (``None``: nothing to keep)."""
+        handle = ref()
+        return None if handle is None else handle.lease.keepalive_delay()
+
+    def kept(self, delay: float | None, forever: bool) -> float | None:
+        """After a keepalive step that answered ``delay``: seconds until the
+        next one, or ``None`` to stop (released, lost, or, unless
+        ``forever``, the hand-off it was to confirm confirmed)."""
+        held = self.lease.held
+        if not forever and held is not None and not held.confirm:
+            return None  # confirmed: nothing more to do
+        return delay
+
+
+class BlockingLease(LeaseHandle):
     """A :class:`Lease` with a blocking executor and its keepalive thread: what
     every blocking face (documents, named locks, semaphores) acquires,
     releases and renews through."""
 
+    io: SyncIO
+
     def __init__(self, lease: Lease, io: SyncIO) -> None:
-        self.lease = lease
-        self.io = io
+        super().__init__(lease, io)
         self._keeper: KeepAlive | None = None
 
     def _stop_keepalive(self) -> None:
@@ -97,10 +138,7 @@ class BlockingLease:
         self._stop_keepalive()
         result = run(self.lease.acquire(owner, ms, wait=wait, force=force, extra=extra),
                      self.io, track=wait != 0)
-        held = self.lease.held
-        if result is not None and held is not None and (keepalive or held.confirm):
-            self.keep_alive(forever=keepalive)
-        return result
+        return self.acquired(result, keepalive)
 
     def keep_alive(self, *, forever: bool = True) -> None:
         """Start renewing the held lease from a background thread (with
@@ -110,7 +148,7 @@ class BlockingLease:
         self._keeper = KeepAlive(self, forever=forever)
 
     def release(self, owner: str | None = None) -> Result:
-        if owner is None or (self.lease.held is not None and self.lease.held.owner == owner):
+        if self.releases_own(owner):
             self._stop_keepalive()
         return run(self.lease.release(owner), self.io)
 
@@ -125,6 +163,3 @@ class BlockingLease:
 
     def look(self) -> View:
         return run(self.lease.look(), self.io)
-
-    def remaining(self) -> float:
-        return self.lease.remaining()
