@@ -292,6 +292,28 @@ def test_the_keepalive_task_keeps_a_1s_lease_through_3s_of_work(lockable_db: Any
     assert len(renewed) >= 5  # one per third of the lease: about 9 in 3 s
 
 
+@needs_aio
+def test_a_forgotten_lock_is_not_kept_alive(lockable_db: Any) -> None:
+    """The keepalive task holds only a weak reference: once the lock object
+    is gone, it stops, and the lease runs out."""
+
+    async def main() -> None:
+        lock = AsyncNamedLock("forgotten", 0.6, keepalive=True)
+        assert await lock.acquire()
+        keeper = lock._handle._keeper  # type: ignore[union-attr]
+        assert keeper is not None
+        del lock
+        gc.collect()
+        await asyncio.wait_for(asyncio.shield(keeper), 2)  # at its next renewal
+
+        async def expired() -> bool:
+            return await AsyncNamedLock.is_free("forgotten")
+
+        await until(expired, "the forgotten lease expires", timeout=3)
+
+    run(main())
+
+
 # -- the semaphore -------------------------------------------------------------------------------
 
 
