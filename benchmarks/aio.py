@@ -6,8 +6,9 @@
    (``majority`` by default; ``--w 1`` shows the CPU cost of each face, which
    a majority commit otherwise hides): the blocking side with pymongo's
    ``MongoClient``, the asyncio side awaiting ``AsyncMongoClient`` in one event
-   loop. Rounds of the two alternate in one run, and the ratio of their
-   medians is printed.
+   loop. A raw pair of pipeline ``find_one_and_update`` calls on each client
+   shows what the driver itself costs. Rounds of the four alternate in one
+   run, and the ratios of the medians are printed.
 2. Contention. ``--contenders`` coroutines (default 100) of one event loop
    loop on ``acquire(wait=None)``, hold the lock ``--hold`` seconds, release,
    for ``--seconds``; then the waiting ones are cancelled (which leaves their
@@ -35,9 +36,10 @@ from typing import Any, Callable
 
 import mongoengine
 from lock_cycle import connect, cycle_arguments, per_cycle, write_concern_option
-from pymongo import WriteConcern
+from pymongo import ReturnDocument, WriteConcern
 
 from mongoengine_lockable import NamedLock
+from mongoengine_lockable._aio import default_database
 from mongoengine_lockable._named import DEFAULT_COLLECTION
 from mongoengine_lockable.aio import AsyncNamedLock
 
@@ -59,19 +61,48 @@ async def async_per_cycle(lock: AsyncNamedLock, n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
+#: The raw pair: two pipeline findAndModify on $$NOW, as a grant and a
+#: release are (the driver's own cost, blocking and asyncio).
+RAW_GRANT = [{"$set": {"n": {"$add": [{"$ifNull": ["$n", 0]}, 1]}, "at": "$$NOW"}}]
+RAW_RELEASE = [{"$set": {"done": "$$NOW"}}]
+
+
+def raw_sync_cycle(coll: Any) -> Callable[[], None]:
+    def cycle() -> None:
+        assert coll.find_one_and_update({"_id": "raw-sync"}, RAW_GRANT, upsert=True,
+                                        return_document=ReturnDocument.AFTER)
+        assert coll.find_one_and_update({"_id": "raw-sync"}, RAW_RELEASE,
+                                        return_document=ReturnDocument.AFTER)
+
+    return cycle
+
+
+async def raw_async_per_cycle(coll: Any, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        assert await coll.find_one_and_update({"_id": "raw-async"}, RAW_GRANT, upsert=True,
+                                              return_document=ReturnDocument.AFTER)
+        assert await coll.find_one_and_update({"_id": "raw-async"}, RAW_RELEASE,
+                                              return_document=ReturnDocument.AFTER)
+    return (time.perf_counter() - start) / n
+
+
 def cycles(
-    loop: asyncio.AbstractEventLoop, sync: Callable[[], None],
-    run_async: Callable[[int], Awaitable[float]], rounds: int, n: int,
-) -> tuple[float, float]:
-    """Warm both up, then alternate rounds of ``n`` cycles of each: the median
-    seconds per cycle of the blocking side and of the asyncio one."""
-    per_cycle(sync, n // 4 or 1)
-    loop.run_until_complete(run_async(n // 4 or 1))
-    sync_t, async_t = [], []
+    loop: asyncio.AbstractEventLoop,
+    sides: list[tuple[Callable[[], None], Callable[[int], Awaitable[float]]]],
+    rounds: int, n: int,
+) -> list[tuple[float, float]]:
+    """Warm every side up, then alternate rounds of ``n`` cycles of each
+    (blocking, then asyncio): the median seconds per cycle of each."""
+    for sync, run_async in sides:
+        per_cycle(sync, n // 4 or 1)
+        loop.run_until_complete(run_async(n // 4 or 1))
+    times: list[tuple[list[float], list[float]]] = [([], []) for _ in sides]
     for _ in range(rounds):
-        sync_t.append(per_cycle(sync, n))
-        async_t.append(loop.run_until_complete(run_async(n)))
-    return statistics.median(sync_t), statistics.median(async_t)
+        for (sync, run_async), (sync_t, async_t) in zip(sides, times):
+            sync_t.append(per_cycle(sync, n))
+            async_t.append(loop.run_until_complete(run_async(n)))
+    return [(statistics.median(a), statistics.median(b)) for a, b in times]
 
 
 def jain(counts: list[int]) -> float:
@@ -149,20 +180,30 @@ def main() -> None:
         stack.callback(records.drop)
         sync = sync_cycle(NamedLock("bench-sync", 30, write_concern=concern))
         async_lock = AsyncNamedLock("bench-async", 30, write_concern=concern)
+        raw = mongoengine.get_db()["bench_raw"].with_options(write_concern=concern)
+        stack.callback(raw.drop)
         try:
-            s, a = cycles(loop, sync, lambda n: async_per_cycle(async_lock, n),
-                          args.rounds, args.cycles)
+            # The client the asyncio locks use.
+            araw = loop.run_until_complete(default_database("default")).get_collection(
+                raw.name, write_concern=concern)
+            (s, a), (rs, ra) = cycles(
+                loop,
+                [(sync, lambda n: async_per_cycle(async_lock, n)),
+                 (raw_sync_cycle(raw), lambda n: raw_async_per_cycle(araw, n))],
+                args.rounds, args.cycles)
             found = loop.run_until_complete(
                 contend(args.contenders, args.seconds, args.hold, concern))
         finally:
             # As asyncio.run ends a loop: the default client closes with it.
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
-    print(f"NamedLock acquire+release:      {s * 1e6:8.1f} us/cycle  ({1 / s:7.0f} cycles/s)")
-    print(f"AsyncNamedLock acquire+release: {a * 1e6:8.1f} us/cycle  ({1 / a:7.0f} cycles/s)")
+    print(f"NamedLock acquire+release:          {s * 1e6:8.1f} us/cycle  ({1 / s:7.0f} cycles/s)")
+    print(f"AsyncNamedLock acquire+release:     {a * 1e6:8.1f} us/cycle  ({1 / a:7.0f} cycles/s)")
+    print(f"raw pymongo pair, MongoClient:      {rs * 1e6:8.1f} us/cycle  ({1 / rs:7.0f} cycles/s)")
+    print(f"raw pymongo pair, AsyncMongoClient: {ra * 1e6:8.1f} us/cycle  ({1 / ra:7.0f} cycles/s)")
     print(f"write concern w={w}")
     print(f"ratio async/sync (median of {args.rounds} rounds x {args.cycles} cycles): "
-          f"{a / s:.3f}")
+          f"{a / s:.3f} (the driver's own, raw pair: {ra / rs:.3f})")
     print(f"{args.contenders} coroutines on one lock for {args.seconds:g} s "
           f"(hold {args.hold * 1000:g} ms): {found['total']} acquisitions, "
           f"{found['rate']:.1f}/s; Jain's fairness index {found['jain']:.3f} "

@@ -76,6 +76,7 @@ __all__ = [
     "AsyncMockIO",
     "arun",
     "async_records",
+    "binding",
     "default_database",
     "executor_for",
     "is_async_database",
@@ -381,6 +382,13 @@ async def default_database(alias: str) -> Any:
         await closer.__anext__()
         known = per_loop[alias] = _Client(settings, client, closer)
     return known.database
+
+
+def binding(database: Any, alias: str) -> tuple[Any, Any]:
+    """What the executor of an asyncio face depends on: the running event
+    loop, and ``database`` or else the connection settings of ``alias`` (a
+    reconnect replaces them)."""
+    return asyncio.get_running_loop(), database if database is not None else _settings(alias)
 
 
 async def async_records(database: Any, alias: str, collection: str) -> Any:

@@ -89,17 +89,21 @@ class AsyncNamedFace(NamedHandle):
         self.database = _database(database)
         super().__init__(settings, kind, what)
         self._handle: AsyncLease | None = None
+        self._bound: tuple[Any, Any] = (None, None)
 
     async def _async(self) -> AsyncLease:
-        coll = await async_records(self.database, self.alias, self.collection)
         handle = self._handle
-        if handle is not None and _same(handle.io.source, coll):
-            return handle
-        io = _aio.executor_for(coll, self._write_concern)
-        if handle is None:
-            handle = self._handle = AsyncLease(self._lease, io)
-        else:
-            handle.io = io
+        loop, source = bound = _aio.binding(self.database, self.alias)
+        if handle is not None and loop is self._bound[0] and source is self._bound[1]:
+            return handle  # the same loop and connection as last time
+        coll = await async_records(self.database, self.alias, self.collection)
+        if handle is None or not _same(handle.io.source, coll):
+            io = _aio.executor_for(coll, self._write_concern)
+            if handle is None:
+                handle = self._handle = AsyncLease(self._lease, io)
+            else:
+                handle.io = io
+        self._bound = bound
         return handle
 
     async def acquire(self, *, wait: _args.Duration | None = _DEFAULT) -> bool:
@@ -200,20 +204,11 @@ class AsyncNamedLock(AsyncNamedFace):
     :raises TypeError, ValueError: bad arguments.
     """
 
-    def __init__(
-        self,
-        name: str,
-        duration: _args.Duration = 60,
-        *,
-        owner: str | None = None,
-        wait: _args.Duration | None = 0,
-        keepalive: bool = False,
-        min_hold: _args.Duration = 0,
-        alias: str = "default",
-        collection: str = DEFAULT_COLLECTION,
-        write_concern: WriteConcern | None = None,
-        database: Any = None,
-    ) -> None:
+    def __init__(self, name: str, duration: _args.Duration = 60, *, owner: str | None = None,
+                 wait: _args.Duration | None = 0, keepalive: bool = False,
+                 min_hold: _args.Duration = 0, alias: str = "default",
+                 collection: str = DEFAULT_COLLECTION,
+                 write_concern: WriteConcern | None = None, database: Any = None) -> None:
         super().__init__(*lock_setup(
             name, duration, owner=owner, wait=wait, keepalive=keepalive, min_hold=min_hold,
             alias=alias, collection=collection, write_concern=write_concern,
@@ -281,11 +276,20 @@ class AsyncNamedSemaphore(AsyncNamedFace):
         an ``int``, or below 1).
     """
 
-    def __init__(self, name: str, limit: int, duration: _args.Duration = 60, *,
-                 owner: str | None = None, wait: _args.Duration | None = 0,
-                 keepalive: bool = False, alias: str = "default",
-                 collection: str = DEFAULT_COLLECTION,
-                 write_concern: WriteConcern | None = None, database: Any = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        limit: int,
+        duration: _args.Duration = 60,
+        *,
+        owner: str | None = None,
+        wait: _args.Duration | None = 0,
+        keepalive: bool = False,
+        alias: str = "default",
+        collection: str = DEFAULT_COLLECTION,
+        write_concern: WriteConcern | None = None,
+        database: Any = None,
+    ) -> None:
         settings, kind, what = semaphore_setup(
             name, limit, duration, owner=owner, wait=wait, keepalive=keepalive, alias=alias,
             collection=collection, write_concern=write_concern)
