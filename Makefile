@@ -35,7 +35,7 @@ $(BIN)/python:
 
 # Everything the suite, the docs and the benchmarks need.
 $(STAMP): $(METADATA) $(REQUIREMENTS) | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[test,cli,demo]' -r requirements/dev.txt -r requirements/bench.txt
+	$(BIN)/python -m pip install -e '.[test,cli,demo,asyncio]' -r requirements/dev.txt -r requirements/bench.txt
 	$(BIN)/python -m pip install $(FRAMEWORKS)
 	touch $(STAMP) $(DEMO_STAMP)
 

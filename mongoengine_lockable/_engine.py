@@ -412,6 +412,13 @@ class Lease:
                 if result.doc is None:
                     # Not granted; what else the record shows is unknown.
                     result = Result({}, None)
+            except GeneratorExit:
+                raise
+            except BaseException:
+                # Interrupted or cancelled before the answer came: give back
+                # the lease, should the write have granted it.
+                yield from self._abandon(ask)
+                raise
             view = self._check(self.kind.view(result.doc, result.now, ask.ticket))
             if view.mine:
                 return self.adopt(result, ask, (sent, result.now), self.clock() - started)

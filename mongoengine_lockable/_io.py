@@ -2,7 +2,9 @@
 
 :func:`run` drives a generator of :mod:`mongoengine_lockable._engine` to its
 end, answering each request with one database call. :class:`SyncIO` sends
-them with pymongo: lease changes with write concern ``majority`` unless told
+them with pymongo, as the driver calls that :meth:`Executor.calls` makes of
+them (the asyncio executor of :mod:`mongoengine_lockable._aio` awaits the
+same calls): lease changes with write concern ``majority`` unless told
 otherwise, reads that decide lease state from the primary, read-backs with
 read concern ``majority``. :class:`MockIO` runs the same requests on mongomock,
 which has no server clock and is not atomic across threads: there ``$$NOW`` is
@@ -18,7 +20,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from datetime import datetime, timezone
@@ -27,7 +29,6 @@ from typing import Any, Callable, TypeVar
 import pymongo
 from pymongo import ReadPreference, ReturnDocument
 from pymongo.client_session import ClientSession
-from pymongo.collection import Collection
 from pymongo.errors import PyMongoError
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
@@ -38,10 +39,14 @@ from ._rules import DOC_KEY, NOW_KEY, RESULT_PROJECTION, Filter
 
 __all__ = [
     "DEFAULT_WRITE_CONCERN",
+    "Call",
+    "Executor",
     "MockIO",
     "SyncIO",
+    "bounded",
     "checked_write_concern",
     "client_now",
+    "drive",
     "executor_for",
     "is_mongomock",
     "run",
@@ -50,6 +55,7 @@ __all__ = [
 log = logging.getLogger("mongoengine_lockable.io")
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 #: Longest a change-stream read blocks before the waiter checks its clocks:
 #: the most a waiter's pause can overrun its bound.
@@ -95,118 +101,149 @@ def _result(raw: Mapping[str, Any] | None) -> Result:
 
 
 class ChangeStreamWaker:
-    """Blocks on a change stream until an event, a timeout, or its failure
-    (after which the waiter polls: :meth:`pause` returns ``None`` at once)."""
+    """What a waiter blocks on with pymongo: a change stream, read until an
+    event, a timeout, or its failure (after which the waiter polls: a pause
+    returns ``None`` at once). Its reads are driver calls (:class:`Call`),
+    sent by the blocking executor and awaited by the asyncio one."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
         self.broken = False
 
-    def pause(self, timeout: float) -> dict[str, Any] | None:
+    def pausing(self, timeout: float, sleep: Callable[[float], Any]) -> Generator[Call, Any, Any]:
+        """The calls of one pause; ``sleep`` is the executor's."""
         if self.broken:
-            time.sleep(min(timeout, 0.05))
+            yield Call(sleep, min(timeout, 0.05))
             return None
         end = time.monotonic() + timeout
         try:
             while time.monotonic() < end:
-                # Each read blocks for at most STREAM_AWAIT_MS (it may end the
+                # Each read waits for at most STREAM_AWAIT_MS (it may end the
                 # pause that much late), and returns as soon as an event comes.
-                event: dict[str, Any] | None = self._stream.try_next()
+                event: dict[str, Any] | None = yield Call(self._stream.try_next)
                 if event is not None:
                     return event
             return None
         except PyMongoError as exc:
             log.warning("change stream failed (%s); polling for the rest of this wait", exc)
-            self.close()
             self.broken = True
+            yield from self.closing()
             return None
 
-    def close(self) -> None:
+    def closing(self) -> Generator[Call, Any, None]:
+        """The call that closes the stream."""
         try:
-            self._stream.close()
+            yield Call(self._stream.close)
         except PyMongoError:  # pragma: no cover - closing a dead cursor
             pass
 
+    def close(self) -> None:
+        drive(self.closing(), _invoke)
 
-class SyncIO:
-    """Answers the engine's requests with pymongo.
 
-    :param collection: the collection of the lease records.
+class Call:
+    """One call of an executor: ``method(*args, **kwargs)`` (a driver's
+    method, or the executor's ``sleep``). ``listed``: the method returns a
+    cursor, read to its end."""
+
+    __slots__ = ("args", "kwargs", "listed", "method")
+
+    def __init__(self, method: Callable[..., Any], *args: Any, listed: bool = False,
+                 **kwargs: Any) -> None:
+        self.method = method
+        self.args = args
+        self.kwargs = kwargs
+        self.listed = listed
+
+
+class Executor:
+    """What every pymongo executor shares, blocking or asyncio: the options of
+    its collection, and the driver calls that answer each database request
+    (:meth:`calls`).
+
+    :param collection: the collection of the lease records (a pymongo
+        ``Collection`` or ``AsyncCollection``).
     :param write_concern: of lease changes (default ``majority``).
     """
 
-    def __init__(
-        self, collection: Collection[Any], write_concern: WriteConcern | None = None
-    ) -> None:
+    def __init__(self, collection: Any, write_concern: WriteConcern | None = None) -> None:
         self.source = collection
-        self.collection: Collection[Any] = collection.with_options(
+        self.collection: Any = collection.with_options(
             write_concern=checked_write_concern(write_concern),
             read_preference=ReadPreference.PRIMARY,
         )
         self._majority = self.collection.with_options(read_concern=ReadConcern("majority"))
 
-    def session(self) -> ClientSession | None:
-        """A session whose operation time a waiter's change stream starts at."""
-        return self.collection.database.client.start_session(causal_consistency=False)
+    #: How the executor sleeps (``time.sleep``, ``asyncio.sleep``).
+    sleep: Callable[[float], Any] = staticmethod(time.sleep)
 
     def localize(self, flt: Filter) -> Filter:
         """``flt`` as a queryset of the caller's may run it (unchanged: the
         server evaluates ``$$NOW``)."""
         return flt
 
-    def _reread(
-        self, raw: Mapping[str, Any], request: Modify, session: Any
-    ) -> dict[str, Any] | None:
-        """The answer of a write whose reply came without its projection.
+    def calls(self, request: Any, session: Any, wakers: list[Any]) -> Generator[Call, Any, Any]:
+        """The calls that answer one of the engine's requests, and the answer:
+        one driver call, or two for a retried write that came back without its
+        projection; a :class:`Watch` answers a :class:`ChangeStreamWaker`
+        (added to ``wakers``), or ``None`` where the server has no change
+        streams; a :class:`Pause` reads that stream, a :class:`Sleep` sleeps.
 
-        When a retryable error (a fail-over, a write concern error) ended the
-        first attempt of a ``findAndModify`` that the server had applied, the
-        driver's retry is answered from the stored image of that first write:
-        the record as written, without the projection, so without the
-        server's time. The record is read again from the primary, with it.
+        The blocking and the asyncio executors both make exactly these calls
+        (:func:`drive` sends them, the asyncio executor awaits them): one copy
+        of every option.
         """
-        log.warning("a retried write came back without its projection; reading the record")
-        key = {"_id": raw["_id"]} if "_id" in raw else request.filter
-        found: dict[str, Any] | None = self.collection.find_one(key, RESULT_PROJECTION,
-                                                                session=session)
-        return found
-
-    def do(self, request: Any, session: Any, wakers: list[Any]) -> Any:
+        if isinstance(request, Pause):
+            event = yield from request.waker.pausing(request.seconds, self.sleep)
+            return event
+        if isinstance(request, Sleep):
+            yield Call(self.sleep, request.seconds)
+            return None
         if isinstance(request, Modify):
             options: dict[str, Any] = {}
             if request.hint is not None:
                 options["hint"] = request.hint
             if request.collation is not None:
                 options["collation"] = request.collation
-            bounded = nullcontext() if request.timeout is None else pymongo.timeout(
-                request.timeout)
-            with bounded:
-                raw = self.collection.find_one_and_update(
-                    request.filter, request.update,
-                    projection=RESULT_PROJECTION if request.clock else None,
-                    sort=request.sort, upsert=request.upsert,
-                    return_document=ReturnDocument.AFTER, session=session, **options,
-                )
-                if not request.clock:
-                    return Result(raw, None)
-                if raw is not None and NOW_KEY not in raw:
-                    raw = self._reread(raw, request, session)
+            raw = yield Call(
+                self.collection.find_one_and_update, filter=request.filter,
+                update=request.update,
+                projection=RESULT_PROJECTION if request.clock else None, sort=request.sort,
+                upsert=request.upsert, return_document=ReturnDocument.AFTER, session=session,
+                **options)
+            if not request.clock:
+                return Result(raw, None)
+            if raw is not None and NOW_KEY not in raw:
+                # When a retryable error (a fail-over, a write concern error)
+                # ended the first attempt of a findAndModify that the server had
+                # applied, the driver's retry is answered from the stored image
+                # of that first write: the record as written, without the
+                # projection, so without the server's time. Read it again.
+                log.warning("a retried write came back without its projection; "
+                            "reading the record")
+                key = {"_id": raw["_id"]} if "_id" in raw else request.filter
+                raw = yield Call(self.collection.find_one, filter=key,
+                                 projection=RESULT_PROJECTION, session=session)
             return _result(raw)
         if isinstance(request, ModifyMany):
-            return self.collection.update_many(request.filter, request.update,
-                                               session=session).modified_count
+            outcome = yield Call(self.collection.update_many, filter=request.filter,
+                                 update=request.update, session=session)
+            return outcome.modified_count
         if isinstance(request, Read):
             source = self._majority if request.majority else self.collection
-            return _result(source.find_one(request.filter, RESULT_PROJECTION, sort=request.sort,
-                                           session=session))
+            raw = yield Call(source.find_one, filter=request.filter,
+                             projection=RESULT_PROJECTION, sort=request.sort, session=session)
+            return _result(raw)
         if isinstance(request, ReadMany):
             source = self._majority if request.majority else self.collection
-            docs = list(source.find(**_find_options(request), session=session))
+            docs = yield Call(source.find, listed=True, session=session,
+                              **_find_options(request))
             return [_result(d) for d in docs] if request.with_now else docs
         if isinstance(request, Watch):
             try:
-                stream = self.collection.watch(
-                    [{"$match": request.match}],
+                stream = yield Call(
+                    self.collection.watch,
+                    pipeline=[{"$match": request.match}],
                     full_document="updateLookup",
                     max_await_time_ms=STREAM_AWAIT_MS,
                     start_at_operation_time=None if session is None else session.operation_time,
@@ -219,12 +256,36 @@ class SyncIO:
             waker = ChangeStreamWaker(stream)
             wakers.append(waker)
             return waker
-        if isinstance(request, Pause):
-            return request.waker.pause(request.seconds)
-        if isinstance(request, Sleep):
-            time.sleep(request.seconds)
-            return None
         raise TypeError(f"unknown request {request!r}")  # pragma: no cover
+
+
+def bounded(request: Any) -> Any:
+    """The context a request is sent in: within its ``timeout``, if it has one."""
+    timeout = getattr(request, "timeout", None)
+    return nullcontext() if timeout is None else pymongo.timeout(timeout)
+
+
+def _invoke(call: Call) -> Any:
+    result = call.method(*call.args, **call.kwargs)
+    return list(result) if call.listed else result
+
+
+class SyncIO(Executor):
+    """Answers the engine's requests with pymongo (blocking).
+
+    :param collection: the collection of the lease records.
+    :param write_concern: of lease changes (default ``majority``).
+    """
+
+    def session(self) -> ClientSession | None:
+        """A session whose operation time a waiter's change stream starts at."""
+        client: Any = self.collection.database.client
+        session: ClientSession = client.start_session(causal_consistency=False)
+        return session
+
+    def do(self, request: Any, session: Any, wakers: list[Any]) -> Any:
+        with bounded(request):
+            return drive(self.calls(request, session, wakers), _invoke)
 
 
 def _find_options(request: ReadMany) -> dict[str, Any]:
@@ -296,19 +357,33 @@ class MockWaker:
         self.match = dict(match)
         self.seen = _MOCK_EVENTS.seq
 
-    def pause(self, timeout: float) -> dict[str, Any] | None:
+    def poll(self) -> dict[str, Any] | None:
+        """The first event it hears among those recorded since it last looked
+        (no waiting)."""
         from mongomock.filtering import filter_applies
 
+        with _MOCK_EVENTS.changed:
+            for seq, namespace, event in _MOCK_EVENTS.events:
+                if seq > self.seen:
+                    self.seen = seq
+                    if namespace == self.namespace and filter_applies(  # type: ignore[no-untyped-call]
+                        self.match, event
+                    ):
+                        return event
+            return None
+
+    def pausing(self, timeout: float, sleep: Callable[[float], Any]) -> Generator[Call, Any, Any]:
+        """The (blocking) call of one pause."""
+        event = yield Call(self.pause, timeout)
+        return event
+
+    def pause(self, timeout: float) -> dict[str, Any] | None:
         end = time.monotonic() + min(timeout, self.MAX_POLL)
         with _MOCK_EVENTS.changed:
             while True:
-                for seq, namespace, event in _MOCK_EVENTS.events:
-                    if seq > self.seen:
-                        self.seen = seq
-                        if namespace == self.namespace and filter_applies(  # type: ignore[no-untyped-call]
-                            self.match, event
-                        ):
-                            return event
+                event = self.poll()
+                if event is not None:
+                    return event
                 left = end - time.monotonic()
                 if left <= 0:
                     return None
@@ -433,6 +508,23 @@ def executor_for(collection: Any, write_concern: WriteConcern | None = None) -> 
     return SyncIO(collection, write_concern)
 
 
+def drive(steps: Generator[R, Any, T], answer: Callable[[R], Any]) -> T:
+    """Drive ``steps`` to its end, answering each request it yields with
+    ``answer``; an error is thrown into the generator, which may handle it."""
+    try:
+        request = next(steps)
+        while True:
+            try:
+                result = answer(request)
+            except BaseException as exc:
+                request = steps.throw(exc)
+            else:
+                request = steps.send(result)
+    except StopIteration as stop:
+        value: T = stop.value
+        return value
+
+
 def run(steps: Steps[T], io: SyncIO, *, track: bool = False) -> T:
     """Drive ``steps`` to its end with ``io``, answering each request; an error
     is thrown into the generator, which may handle it.
@@ -443,17 +535,7 @@ def run(steps: Steps[T], io: SyncIO, *, track: bool = False) -> T:
     session = io.session() if track else None
     wakers: list[Any] = []
     try:
-        request = next(steps)
-        while True:
-            try:
-                answer = io.do(request, session, wakers)
-            except BaseException as exc:
-                request = steps.throw(exc)
-            else:
-                request = steps.send(answer)
-    except StopIteration as stop:
-        value: T = stop.value
-        return value
+        return drive(steps, lambda request: io.do(request, session, wakers))
     finally:
         if wakers:
             # Closing a change stream is a round trip (killCursors): not on the

@@ -25,13 +25,13 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 from ._engine import Lease, Result
 from ._io import SyncIO, run
 from ._rules import View
 
-__all__ = ["BlockingLease", "Keeper", "keeper"]
+__all__ = ["BlockingLease", "Keeper", "LeaseHandle", "keeper"]
 
 log = logging.getLogger("mongoengine_lockable.keepalive")
 
@@ -97,13 +97,11 @@ class Keeper:
             if lease._keep_seq != seq:
                 return  # released, or scheduled again, meanwhile
             try:
-                delay = run(lease.lease.keep(), lease.io)
+                delay = lease.kept(run(lease.lease.keep(), lease.io), lease._forever)
             except Exception:  # pragma: no cover - keep() handles database errors
                 log.exception("keepalive of %s failed", lease.lease.what)
                 delay = None
-            held = lease.lease.held
-            confirming = held is not None and held.confirm
-            if delay is None or not (lease._forever or confirming):
+            if delay is None:
                 lease._keep_seq = None
                 return
             self.schedule(lease, delay)
@@ -118,14 +116,61 @@ def keeper() -> Keeper:
     return _KEEPER
 
 
-class BlockingLease:
+class LeaseHandle:
+    """A :class:`Lease` with an executor: what a blocking or an asyncio
+    handle decides alike, without I/O."""
+
+    def __init__(self, lease: Lease, io: Any) -> None:
+        self.lease = lease
+        self.io = io
+
+    def keep_alive(self, *, forever: bool = True) -> None:
+        raise NotImplementedError
+
+    def acquired(self, result: Result | None, keepalive: bool) -> Result | None:
+        """After an acquisition that answered ``result``: keep the lease alive
+        if asked to (``keepalive``), or until a hand-off is confirmed."""
+        held = self.lease.held
+        if result is not None and held is not None and (keepalive or held.confirm):
+            self.keep_alive(forever=keepalive)
+        return result
+
+    def releases_own(self, owner: str | None) -> bool:
+        """Does a release by ``owner`` end this handle's own lease (so that
+        its renewals stop)?"""
+        held = self.lease.held
+        return owner is None or (held is not None and held.owner == owner)
+
+    def remaining(self) -> float:
+        return self.lease.remaining()
+
+
+    @staticmethod
+    def first_delay(ref: Callable[[], LeaseHandle | None]) -> float | None:
+        """Seconds until the first keepalive step of the handle ``ref``
+        refers to (``None``: nothing to keep)."""
+        handle = ref()
+        return None if handle is None else handle.lease.keepalive_delay()
+
+    def kept(self, delay: float | None, forever: bool) -> float | None:
+        """After a keepalive step that answered ``delay``: seconds until the
+        next one, or ``None`` to stop (released, lost, or, unless
+        ``forever``, the hand-off it was to confirm confirmed)."""
+        held = self.lease.held
+        if not forever and held is not None and not held.confirm:
+            return None  # confirmed: nothing more to do
+        return delay
+
+
+class BlockingLease(LeaseHandle):
     """A :class:`Lease` with a blocking executor, kept alive by the process's
     :class:`Keeper`: what every blocking face (documents, named locks,
     semaphores) acquires, releases and renews through."""
 
+    io: SyncIO
+
     def __init__(self, lease: Lease, io: SyncIO) -> None:
-        self.lease = lease
-        self.io = io
+        super().__init__(lease, io)
         #: The sequence number of this lease's scheduled renewal (``None``: none).
         self._keep_seq: int | None = None
         self._forever = False
@@ -146,10 +191,7 @@ class BlockingLease:
         self._stop_keepalive()
         result = run(self.lease.acquire(owner, ms, wait=wait, **grant), self.io,
                      track=wait != 0)
-        held = self.lease.held
-        if result is not None and held is not None and (keepalive or held.confirm):
-            self.keep_alive(forever=keepalive)
-        return result
+        return self.acquired(result, keepalive)
 
     def keep_alive(self, *, forever: bool = True) -> None:
         """Renew the held lease until it is released (with ``forever=False``:
@@ -161,7 +203,7 @@ class BlockingLease:
         keeper().schedule(self, delay)
 
     def release(self, owner: str | None = None) -> Result:
-        if owner is None or (self.lease.held is not None and self.lease.held.owner == owner):
+        if self.releases_own(owner):
             self._stop_keepalive()
         return run(self.lease.release(owner), self.io)
 
@@ -176,6 +218,3 @@ class BlockingLease:
 
     def look(self) -> View:
         return run(self.lease.look(), self.io)
-
-    def remaining(self) -> float:
-        return self.lease.remaining()

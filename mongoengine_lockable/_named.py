@@ -37,7 +37,15 @@ from ._io import checked_write_concern, executor_for, run
 from ._keepalive import BlockingLease
 from ._rules import Kind, NamedKind, View, host_and_pid, new_owner
 
-__all__ = ["DEFAULT_COLLECTION", "NamedFace", "NamedLock", "NamedSettings", "exclusive"]
+__all__ = [
+    "DEFAULT_COLLECTION",
+    "NamedFace",
+    "NamedHandle",
+    "NamedLock",
+    "NamedSettings",
+    "exclusive",
+    "lock_setup",
+]
 
 log = logging.getLogger("mongoengine_lockable.named")
 
@@ -59,25 +67,36 @@ _ttl_lock = threading.Lock()
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: The TTL index of a named-lock collection: its field and options.
+TTL_FIELD = "locked_until"
+TTL_OPTIONS: dict[str, Any] = {"expireAfterSeconds": RECORD_GRACE_SECONDS, "name": "lockable_ttl"}
+
+
+def ttl_key(coll: Any) -> tuple[int, str]:
+    """What the TTL index is ensured once per process for: a collection
+    of a client (blocking or asyncio)."""
+    return (id(coll.database.client), coll.full_name)
+
+
+def ttl_refused(coll: Any, exc: OperationFailure) -> None:
+    # An index on locked_until with other options exists: the operator chose
+    # it; locks work without the cleanup.
+    log.warning("named-lock TTL index not created on %s: %s", coll.full_name, exc)
+
+
 def records(alias: str, collection: str) -> Any:
     """The collection of named records ``collection`` on connection ``alias``,
     with its TTL index ensured once per process (no index is created for a
     name MongoDB would refuse: names are checked before they get here)."""
     coll = get_db(alias)[collection]
-    key = (id(coll.database.client), coll.full_name)
+    key = ttl_key(coll)
     if key not in _ttl_ready:
         with _ttl_lock:
             if key not in _ttl_ready:
                 try:
-                    coll.create_index(
-                        "locked_until",
-                        expireAfterSeconds=RECORD_GRACE_SECONDS,
-                        name="lockable_ttl",
-                    )
+                    coll.create_index(TTL_FIELD, **TTL_OPTIONS)
                 except OperationFailure as exc:
-                    # An index on locked_until with other options exists: the
-                    # operator chose it; locks work without the cleanup.
-                    log.warning("named-lock TTL index not created on %s: %s", coll.full_name, exc)
+                    ttl_refused(coll, exc)
                 _ttl_ready.add(key)
     return coll
 
@@ -138,10 +157,11 @@ class NamedSettings:
 Face = TypeVar("Face", bound="NamedFace")
 
 
-class NamedFace:
-    """A blocking handle on one named record (a lock, a semaphore's share, a
-    reader or writer): the methods every named face has, over a
-    :class:`~mongoengine_lockable._engine.Lease` of the record's ``kind``.
+class NamedHandle:
+    """One caller's handle on one named record (a lock, a semaphore's share,
+    a reader or writer), blocking or asyncio: its settings and its
+    :class:`~mongoengine_lockable._engine.Lease` of the record's ``kind``;
+    no I/O.
 
     :param settings: the checked arguments.
     :param kind: the rules of the record.
@@ -165,7 +185,6 @@ class NamedFace:
             target=name,
             subject=lambda: (ref(), {"name": name}),
         )
-        self._handle: BlockingLease | None = None
 
     def _details(self) -> str:
         """What :meth:`__repr__` shows besides the name, owner and fence."""
@@ -186,6 +205,19 @@ class NamedFace:
         """The fence of this instance's latest grant; ``None`` before the first.
         It only ever increases for a name."""
         return self._lease.fence
+
+    def remaining(self) -> float:
+        """Seconds this instance may still count on its lease, with no I/O (see
+        :meth:`~mongoengine_lockable.LockableMixin.lease_remaining`); ``0.0``
+        when not held."""
+        return self._lease.remaining()
+
+
+class NamedFace(NamedHandle):
+    """A blocking handle on one named record: the methods every blocking
+    named face has (see :class:`NamedHandle`)."""
+
+    _handle: BlockingLease | None = None
 
     def _blocking(self) -> BlockingLease:
         handle = self._handle
@@ -242,11 +274,6 @@ class NamedFace:
         """Read the primary: does this instance hold it now?"""
         return self._blocking().owned()
 
-    def remaining(self) -> float:
-        """Seconds this instance may still count on its lease, with no I/O (see
-        :meth:`LockableMixin.lease_remaining`); ``0.0`` when not held."""
-        return self._lease.remaining()
-
     def __enter__(self: Face) -> Face:
         if not self.acquire():
             raise self._lease.unavailable()
@@ -254,6 +281,24 @@ class NamedFace:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def lock_setup(
+    name: object, duration: object, *, min_hold: object, **options: object
+) -> tuple[NamedSettings, NamedKind, str]:
+    """The checked arguments of a named lock (blocking or asyncio), its kind
+    and its name in messages; no I/O. ``options`` are those of
+    :meth:`NamedSettings.check`.
+
+    :raises TypeError, ValueError: a bad argument.
+    """
+    settings = NamedSettings.check(name, duration, **options)
+    hold = _args.seconds_at_least_zero(min_hold, "min_hold")
+    min_hold_ms = round(hold * 1000)
+    if min_hold_ms > settings.ms:
+        raise ValueError(
+            f"min_hold ({hold} s) must not exceed duration ({settings.ms / 1000} s)")
+    return settings, NamedKind(min_hold_ms), f"lock {settings.name!r}"
 
 
 class NamedLock(NamedFace):
@@ -301,16 +346,10 @@ class NamedLock(NamedFace):
         collection: str = DEFAULT_COLLECTION,
         write_concern: WriteConcern | None = None,
     ) -> None:
-        settings = NamedSettings.check(
-            name, duration, owner=owner, wait=wait, keepalive=keepalive, alias=alias,
-            collection=collection, write_concern=write_concern,
-        )
-        hold = _args.seconds_at_least_zero(min_hold, "min_hold")
-        min_hold_ms = round(hold * 1000)
-        if min_hold_ms > settings.ms:
-            raise ValueError(
-                f"min_hold ({hold} s) must not exceed duration ({settings.ms / 1000} s)")
-        super().__init__(settings, NamedKind(min_hold_ms), f"lock {settings.name!r}")
+        super().__init__(*lock_setup(
+            name, duration, owner=owner, wait=wait, keepalive=keepalive, min_hold=min_hold,
+            alias=alias, collection=collection, write_concern=write_concern,
+        ))
 
     def acquire(self, *, wait: _args.Duration | None = _DEFAULT) -> bool:
         """Take the lock.
@@ -412,16 +451,25 @@ def exclusive(
         @exclusive(lambda user, **_: f"sync:{user.id}", 60)
         def sync(user, full=False): ...
 
+        @exclusive("refresh:{key}", 30)       # a coroutine function
+        async def refresh(key): ...
+
     Scheduled on many hosts, each tick runs once. ``name`` is a lock name, a
     ``str.format`` template whose fields name the function's parameters
     (``"{day.year}"`` uses ``day``), or a callable taking the function's
     arguments and returning the name. Other arguments as for
-    :class:`NamedLock`; they are all checked when decorating.
+    :class:`~mongoengine_lockable.NamedLock`; they are all checked when
+    decorating.
 
-    :raises TypeError: on a coroutine function (use
-        :func:`mongoengine_lockable.aio.exclusive`), or bad arguments.
+    On a coroutine function (``async def``) the wrapper is a coroutine
+    function that holds an :class:`~mongoengine_lockable.aio.AsyncNamedLock`
+    for the whole await, and waits without blocking the event loop.
+
+    :raises TypeError: bad arguments.
     :raises ValueError: a template field that names no parameter, or bad
         arguments.
+    :raises ImportError: on a coroutine function, when the installed pymongo
+        has no stable asyncio API (see :mod:`mongoengine_lockable.aio`).
     """
     # Validate now, so a typo fails at import rather than at the first tick.
     probe = name if isinstance(name, str) and "{" not in name else "probe"
@@ -431,12 +479,15 @@ def exclusive(
         raise TypeError(f"lock name must be a str or a callable, not {type(name).__name__}")
 
     def decorate(func: F) -> F:
-        if inspect.iscoroutinefunction(func):
-            raise TypeError(
-                f"@exclusive cannot hold a lock across the awaits of coroutine function "
-                f"{func.__qualname__}: decorate it with mongoengine_lockable.aio.exclusive"
-            )
         lock_name = _namer(name, func)
+        if inspect.iscoroutinefunction(func):
+            # Never a silently unlocked run: without an asyncio-capable
+            # pymongo this import raises, saying which one is needed.
+            from .aio import exclusively
+
+            return exclusively(func, lock_name, duration, wait=wait,  # type: ignore[return-value]
+                               min_hold=min_hold, keepalive=keepalive, alias=alias,
+                               collection=collection)
 
         @functools.wraps(func)
         def run_exclusively(*args: Any, **kwargs: Any) -> Any:

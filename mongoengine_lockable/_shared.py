@@ -23,15 +23,42 @@ from ._engine import Read, Result, Steps
 from ._errors import LockError
 from ._io import executor_for, run
 from ._named import DEFAULT_COLLECTION, NamedFace, NamedSettings, records
-from ._rules import Filter, SharedKind
+from ._rules import SharedKind
 
-__all__ = ["NamedSemaphore", "ReadWriteHolder", "ReadWriteLock"]
+__all__ = ["NamedSemaphore", "ReadWriteHolder", "ReadWriteLock", "holders_of", "semaphore_setup"]
 
 
-def _record(match: Filter) -> Steps[Result]:
-    """Read one record from the primary, with the server's time."""
-    result: Result = yield Read(match)
-    return result
+def semaphore_setup(
+    name: object, limit: object, duration: object, **options: object
+) -> tuple[NamedSettings, SharedKind, str]:
+    """The checked arguments of a semaphore (blocking or asyncio), its kind
+    (whose ``capacity`` is the limit) and its name in messages; no I/O.
+    ``options`` are those of :meth:`NamedSettings.check`.
+
+    :raises TypeError, ValueError: a bad argument.
+    """
+    settings = NamedSettings.check(name, duration, **options)
+    kind = SharedKind.semaphore(_args.count(limit, "limit"))
+    return settings, kind, f"semaphore {settings.name!r}"
+
+
+def holders_of(name: str) -> Steps[list[str]]:
+    """Read the primary: the owners of the live holders of the semaphore
+    ``name``, in the order of their grants.
+
+    :raises LockError: ``name`` is another kind of lock.
+    """
+    result: Result = yield Read({"_id": name})
+    doc, now = result
+    if doc is None:
+        return []
+    limit = doc.get(SharedKind.LIMIT_FIELD)
+    kind = SharedKind.semaphore(limit if isinstance(limit, int) else 1)
+    foreign = kind.view(doc, now).foreign
+    if foreign is not None and not foreign.startswith(kind.tag):
+        raise LockError(f"semaphore {name!r} is a {foreign} record, not a semaphore",
+                        target=name)
+    return [str(h.get("o")) for h in kind.live_holders(doc, now)]
 
 
 class NamedSemaphore(NamedFace):
@@ -74,12 +101,11 @@ class NamedSemaphore(NamedFace):
                  keepalive: bool = False, alias: str = "default",
                  collection: str = DEFAULT_COLLECTION,
                  write_concern: WriteConcern | None = None) -> None:
-        settings = NamedSettings.check(name, duration, owner=owner, wait=wait,
-                                       keepalive=keepalive, alias=alias, collection=collection,
-                                       write_concern=write_concern)
-        self.limit = _args.count(limit, "limit")
-        super().__init__(settings, SharedKind.semaphore(self.limit),
-                         f"semaphore {settings.name!r}")
+        settings, kind, what = semaphore_setup(
+            name, limit, duration, owner=owner, wait=wait, keepalive=keepalive, alias=alias,
+            collection=collection, write_concern=write_concern)
+        self.limit = kind.capacity
+        super().__init__(settings, kind, what)
 
     def _details(self) -> str:
         return f" limit={self.limit}"
@@ -96,16 +122,7 @@ class NamedSemaphore(NamedFace):
         """
         name = _args.lock_name(name)
         coll = records(_args.text(alias, "alias"), _args.collection_name(collection))
-        doc, now = run(_record({"_id": name}), executor_for(coll))
-        if doc is None:
-            return []
-        limit = doc.get(SharedKind.LIMIT_FIELD)
-        kind = SharedKind.semaphore(limit if isinstance(limit, int) else 1)
-        foreign = kind.view(doc, now).foreign
-        if foreign is not None and not foreign.startswith(kind.tag):
-            raise LockError(f"semaphore {name!r} is a {foreign} record, not a semaphore",
-                            target=name)
-        return [str(h.get("o")) for h in kind.live_holders(doc, now)]
+        return run(holders_of(name), executor_for(coll))
 
 
 Mode = Literal["read", "write"]

@@ -287,8 +287,8 @@ CASES = [
     Case("exclusive-template-positional-field",
          lambda c: exclusive("r:{0}", 60)(lambda day: None), ValueError, r"\{0\}"),
     Case("exclusive-name-bytes", lambda c: exclusive(b"job", 60), TypeError, r"\bname\b"),
-    Case("exclusive-coroutine-function",
-         lambda c: exclusive("job", 60)(_coroutine_function), TypeError, r"coroutine"),
+    Case("exclusive-coroutine-function-template-unknown-field",
+         lambda c: exclusive("job:{nope}", 60)(_coroutine_function), ValueError, r"\{nope\}"),
     Case("exclusive-callable-returns-empty",
          lambda c: exclusive(lambda: "", 60)(lambda: None)(), ValueError, r"\bname\b"),
     # -- NamedSemaphore(...) and its methods -------------------------------------------------------
