@@ -421,7 +421,8 @@ class Lease:
                 raise
             view = self._check(self.kind.view(result.doc, result.now, ask.ticket))
             if view.mine:
-                return self.adopt(result, ask, (sent, result.now), self.clock() - started)
+                return self.adopt(result, ask, (sent, result.now), self.clock() - started,
+                                  view=view)
             return self._refuse(view, self.clock() - started)
         return (yield from self._wait_in_queue(ask, wait))
 
@@ -521,7 +522,8 @@ class Lease:
             log.warning("could not leave the queue of %s: %s", self.what, exc)
 
     def adopt(
-        self, result: Result, ask: Ask, seen: tuple[float, datetime | None], waited: float
+        self, result: Result, ask: Ask, seen: tuple[float, datetime | None], waited: float,
+        *, view: View | None = None,
     ) -> Result:
         """Record a grant (from :meth:`acquire`, or a claim that picked this
         record) and announce it.
@@ -533,7 +535,8 @@ class Lease:
             never longer than the server granted.
         """
         assert result.doc is not None
-        view = self.kind.view(result.doc, result.now, ask.ticket)
+        if view is None:
+            view = self.kind.view(result.doc, result.now, ask.ticket)
         sent, server_now = seen
         left = granted = ask.ms
         if view.until is not None and server_now is not None:

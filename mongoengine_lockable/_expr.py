@@ -476,9 +476,10 @@ def _assign(doc: dict[str, Any], path: str, value: Any) -> None:
 def apply_pipeline(
     doc: Mapping[str, Any], stages: Iterable[Mapping[str, Any]], now: datetime
 ) -> dict[str, Any]:
-    """The document after an update pipeline of ``$set``/``$addFields`` and
-    ``$unset`` stages. Each stage sees the document as the previous one left it;
-    setting a field to a missing value removes it, as on the server."""
+    """The document after an update pipeline of ``$set``/``$addFields``,
+    ``$unset`` and ``$replaceWith`` stages. Each stage sees the document as the
+    previous one left it; setting a field to a missing value removes it, as on
+    the server."""
     current: dict[str, Any] = copy.deepcopy(dict(doc))
     for stage in stages:
         ((name, spec),) = stage.items()
@@ -489,6 +490,11 @@ def apply_pipeline(
         elif name == "$unset":
             for path in [spec] if isinstance(spec, str) else spec:
                 _assign(current, path, MISSING)
+        elif name == "$replaceWith":
+            replaced = evaluate(spec, current, now)
+            if not isinstance(replaced, dict):
+                raise TypeError(f"$replaceWith needs a document, not {type(replaced).__name__}")
+            current = copy.deepcopy(replaced)
         else:
             raise NotImplementedError(f"pipeline stage {name} is not supported")
     return current

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from mongoengine import fields as _fields
+from mongoengine import signals as _me_signals
 from mongoengine.errors import InvalidQueryError, LookUpError, ValidationError
 from mongoengine.fields import DateTimeField, DictField, IntField, ListField, StringField
 from mongoengine.queryset import QuerySet, QuerySetManager, transform
@@ -132,6 +134,42 @@ def document_lease(doc: Any) -> BlockingLease:
     return handle
 
 
+#: Field classes whose stored value becomes the instance's by ``to_python``
+#: alone: no container to bind, no document to build (exact classes only: a
+#: subclass may load differently).
+_PLAIN_FIELD_CLASSES = frozenset({
+    _fields.StringField, _fields.IntField, _fields.LongField, _fields.FloatField,
+    _fields.BooleanField, _fields.DateTimeField, _fields.ObjectIdField,
+    _fields.DecimalField, _fields.EmailField, _fields.URLField, _fields.UUIDField,
+})
+_PLAIN: weakref.WeakKeyDictionary[type, Any] = weakref.WeakKeyDictionary()
+
+
+def _plain_fields(cls: type) -> tuple[frozenset[str], str, list[tuple[str, str, Any]]] | None:
+    """For a class whose stored documents load field by field: the keys a
+    stored document may have, the class name, and ``(name, db_field, field)``
+    of every field (the lease's own fields load as :meth:`_load_lease_fields`
+    loads them); ``None`` for other classes (dynamic documents, fields with
+    containers or references, ``pre_init``/``post_init`` receivers, which see
+    the throw-away document that a reload builds)."""
+    if (_me_signals.pre_init.receivers or _me_signals.post_init.receivers) and (
+            _me_signals.pre_init.has_receivers_for(cls)
+            or _me_signals.post_init.has_receivers_for(cls)):
+        return None
+    if cls not in _PLAIN:
+        fields: dict[str, Any] = cls._fields  # type: ignore[attr-defined]
+        eligible = not cls._dynamic and all(  # type: ignore[attr-defined]
+            type(field) in _PLAIN_FIELD_CLASSES or name in DOCUMENT_LAYOUT.all
+            for name, field in fields.items())
+        _PLAIN[cls] = (
+            frozenset([f.db_field for f in fields.values()] + ["_cls"]),
+            cls._class_name,  # type: ignore[attr-defined]
+            [(name, f.db_field, f) for name, f in fields.items()],
+        ) if eligible else None
+    plain: tuple[frozenset[str], str, list[tuple[str, str, Any]]] | None = _PLAIN[cls]
+    return plain
+
+
 class LockableMixin:
     """Mix into a :class:`mongoengine.Document` to give it a lease::
 
@@ -224,14 +262,27 @@ class LockableMixin:
         The values go to the instance's data directly (bound to it by
         ``_reload``, as ``reload`` binds them) rather than through each field's
         setter: nothing is marked changed, and the grant's path stays short.
+        A class of plain scalar fields loads each value by its field's
+        ``to_python`` alone, as building a throw-away document would.
         """
-        stored = type(self)._from_son(raw, created=False)  # type: ignore[attr-defined]
-        data = self._data
-        for name in self._fields:
-            data[name] = self._reload(name, stored._data.get(name))
-        for name, value in stored._data.items():
-            if name not in self._fields:  # a DynamicDocument's dynamic fields
-                setattr(self, name, value)
+        plain = _plain_fields(type(self))
+        if plain is not None and raw.keys() <= plain[0] and raw.get("_cls", plain[1]) == plain[1]:
+            data = self._data
+            for name, db_field, field in plain[2]:
+                value = raw.get(db_field)
+                if value is not None:
+                    value = field.to_python(value)
+                elif not field.null and field.default is not None:
+                    value = field.default() if callable(field.default) else field.default
+                data[name] = value
+        else:
+            stored = type(self)._from_son(raw, created=False)  # type: ignore[attr-defined]
+            data = self._data
+            for name in self._fields:
+                data[name] = self._reload(name, stored._data.get(name))
+            for name, value in stored._data.items():
+                if name not in self._fields:  # a DynamicDocument's dynamic fields
+                    setattr(self, name, value)
         self._changed_fields = []
         self._created = False
 

@@ -75,9 +75,9 @@ Update = Union[dict[str, Any], Pipeline]
 
 NOW = "$$NOW"
 REMOVE = "$$REMOVE"
+ROOT = "$$ROOT"
 #: Scratch field of an update pipeline; its last stage removes it.
 TMP = "_lockable"
-_T = "$" + TMP
 #: Keys of the projection every lease write returns: the server's ``$$NOW`` and
 #: the whole record as stored after the write.
 NOW_KEY = "_lockable_now"
@@ -155,6 +155,19 @@ def _lit(value: Any) -> dict[str, Any]:
 
 def _cond(test: Any, then: Any, otherwise: Any) -> dict[str, Any]:
     return {"$cond": [test, then, otherwise]}
+
+
+def _all(*tests: Any) -> Any:
+    """Expression: every test holds (constant ``True`` tests left out)."""
+    kept = [t for t in tests if t is not True]
+    if not kept:
+        return True
+    return kept[0] if len(kept) == 1 else {"$and": kept}
+
+
+def _merged(fields: dict[str, Any]) -> dict[str, Any]:
+    """Expression: the record with ``fields`` (expressions) set."""
+    return {"$mergeObjects": [ROOT, fields]}
 
 
 def _held(until: str) -> dict[str, Any]:
@@ -447,88 +460,95 @@ class Kind:
             mine = {"$and": [{"$eq": [_f(lay.token), _lit(ask.ticket)]}, _held(lay.until)]}
             base = _live(_f(lay.waiters))
             queue = _cond(mine, base, _with_entry(base, ask.ticket, self._entry(ask)))
-            return Command({}, self._settle(queue, free=_free(lay.until),
-                                            params={"c": _lit(ask.ticket)}), self.upsert)
-        if mode == "force":
-            win: Any = self._kind_ok()
-        else:
-            win = {"$and": [self._kind_ok(), _free(lay.until), _nobody_waits(lay.waiters)]}
-        # The caller's values go in the scratch field; the rest of the pipeline
-        # is the same for every grant of this kind (built once).
-        params = {"win": win, "o": _lit(ask.owner), "t": _lit(ask.ticket), "ms": ask.ms,
-                  "x": _lit(dict(ask.extra))}
-        return Command({}, [{"$set": {TMP: params}}, *self._cached("grant", self._grant_tail)],
-                       self.upsert)
+            return Command({}, self._settle(queue, caller=ask.ticket), self.upsert)
+        given = {"o": _lit(ask.owner), "t": _lit(ask.ticket), "ms": ask.ms,
+                 "x": _lit(dict(ask.extra))}
+        decided = {"$let": {"vars": given, "in": self._template(mode, self._grant_template)}}
+        return Command({}, [{"$replaceWith": decided}], self.upsert)
 
-    def _cached(self, key: str, build: Callable[[], Pipeline]) -> Pipeline:
-        """The constant stages ``key`` of this kind's pipelines, built once."""
-        cache = self.__dict__.setdefault("_stages", {})
+    def _template(self, key: str, build: Callable[[str], Any]) -> Any:
+        """The expression ``build(key)``, built once per kind: the caller's
+        values reach it as variables of a ``$let`` around it (the server parses
+        it whole either way; the client need not build it again)."""
+        cache = self.__dict__.setdefault("_templates", {})
         if key not in cache:
-            cache[key] = build()
-        stages: Pipeline = cache[key]
-        return stages
+            cache[key] = build(key)
+        return cache[key]
 
-    def _grant_tail(self) -> Pipeline:
-        """After ``{_lockable: {win, o, t, ms, x}}``: the grant, if ``win``."""
-        source = {key: f"{_T}.{key}" for key in ("o", "t", "ms", "x")}
-        grant = {**self._grant_fields(source), self.layout.stamp: f"{_T}.t"}
-        return [{"$set": {k: _cond(f"{_T}.win", v, _f(k)) for k, v in grant.items()}},
-                {"$unset": TMP}]
+    def _grant_template(self, mode: str) -> Any:
+        """A direct grant (``try`` or ``force``) to ``$$o`` (owner), ``$$t``
+        (ticket), ``$$ms`` and ``$$x`` (extra fields); the record unchanged
+        when refused."""
+        lay = self.layout
+        source = {"o": "$$o", "t": "$$t", "ms": "$$ms", "x": "$$x"}
+        grant = _merged({**self._grant_fields(source), lay.stamp: "$$t"})
+        win: Any = self._kind_ok()
+        if mode != "force":
+            # Free, and no live waiter: the latest of the lease's end and the
+            # waiters' liveness deadlines has passed (one comparison).
+            nobody = {"$lte": [{"$max": [_f(lay.until), {"$max": _f(lay.waiters) + ".a"}]}, NOW]}
+            win = _all(win, nobody)
+        return grant if win is True else _cond(win, grant, ROOT)
 
     def _settle(
         self,
         queue: Any,
         *,
-        free: Any,
-        ending: bool = False,
-        params: Mapping[str, Any] | None = None,
+        caller: str | None = None,
+        stamp: str | None = None,
     ) -> Pipeline:
         """The pipeline of a write that changes the queue or ends a lease.
 
         ``queue`` is the new queue of live waiters (an expression on the record
-        before the write); if the lease is ``free`` (an expression) and someone
-        is queued, the first waiter gets the lease, with the next fence, and
-        leaves the queue. Its term is its own duration if it is the caller
-        (``params["c"]``, the ticket of the waiter whose write this is), else at
-        most :data:`PICKUP_MS` until it confirms the lease. When ``ending`` (a
-        release, with its stamp ``params["s"]``), a lease that does not pass to
-        a waiter is left released. An empty queue is removed.
+        before the write). If the lease is free and someone is queued, the
+        first waiter gets the lease, with the next fence, and leaves the
+        queue. Its term is its own duration if it is the ``caller`` (the
+        ticket of the waiter whose write this is), else at most
+        :data:`PICKUP_MS` until it confirms the lease. With a ``stamp`` the
+        write is a release, marked by it: the lease counts as free once its
+        release is due, and a lease that does not pass to a waiter is left
+        released. An empty queue is removed.
 
-        The first stage computes the queue, its head and the decision, with the
-        caller's values (``params``); the others are the same for every write
-        of this purpose and kind, and are built once.
+        One ``$replaceWith`` computes the queue once and writes either the
+        grant to its head or what is left otherwise; fields to remove are
+        written as ``null`` there and removed by the second stage (a merged
+        object cannot drop a field).
         """
-        first = {"$set": {TMP: {"$let": {"vars": {"q": queue}, "in": {
-            "q": "$$q",
-            "head": {"$arrayElemAt": ["$$q", 0]},
-            "grant": {"$and": [free, self._kind_ok(), {"$gt": [{"$size": "$$q"}, 0]}]},
-            "c": None,
-            **(params or {}),
-        }}}}}
+        ending = stamp is not None
+        given = {"q": queue, "c": None if caller is None else _lit(caller),
+                 "s": None if stamp is None else _lit(stamp)}
         key = "end" if ending else "settle"
-        return [first, *self._cached(key, lambda: self._settle_tail(ending))]
+        decided = {"$let": {"vars": given, "in": self._template(key, self._settle_template)}}
+        removed = [k for k, v in self._released().items() if v == REMOVE] if ending else []
+        return [{"$replaceWith": decided},
+                {"$set": {k: {"$ifNull": [_f(k), REMOVE]}
+                          for k in [self.layout.waiters, *removed]}}]
 
-    def _settle_tail(self, ending: bool) -> Pipeline:
+    def _settle_template(self, key: str) -> Any:
+        """:meth:`_settle`'s decision on ``$$q`` (the queue), ``$$c`` (the
+        caller's ticket, or null) and, for a release (``key == "end"``),
+        ``$$s`` (its stamp)."""
         lay = self.layout
-        head: dict[str, Any] = {key: f"{_T}.head.{key}" for key in ("o", "t", "ms", "x")}
-        head["ms"] = _cond({"$eq": [head["t"], f"{_T}.c"]}, head["ms"],
-                           {"$min": [head["ms"], PICKUP_MS]})
-        grant = {**self._grant_fields(head), lay.stamp: f"{_T}.head.t"}
-        otherwise = self._released() if ending else {}
-        changed: dict[str, Any] = {k: _cond(f"{_T}.grant", v, otherwise.get(k, _f(k)))
-                                   for k, v in grant.items()}
-        for key, value in otherwise.items():
-            changed.setdefault(key, _cond(f"{_T}.grant", _f(key), value))
+        ending = key == "end"
+        term = _cond({"$eq": ["$$h.t", "$$c"]}, "$$h.ms", {"$min": ["$$h.ms", PICKUP_MS]})
+        head = {"o": "$$h.o", "t": "$$h.t", "ms": term, "x": "$$h.x"}
+        size = {"$size": "$$q"}
+        granted = {
+            **self._grant_fields(head),
+            lay.stamp: "$$s" if ending else "$$h.t",
+            lay.waiters: _cond({"$gt": [size, 1]}, {"$slice": ["$$q", 1, _ALL]}, None),
+        }
+        kept = {k: (None if v == REMOVE else v)
+                for k, v in (self._released() if ending else {}).items()}
         if ending:
-            changed[lay.stamp] = f"{_T}.s"
-        # The queue without the granted head; removed once empty.
-        size = {"$size": f"{_T}.q"}
-        changed[lay.waiters] = _cond(
-            f"{_T}.grant",
-            _cond({"$gt": [size, 1]}, {"$slice": [f"{_T}.q", 1, _ALL]}, REMOVE),
-            _cond({"$gt": [size, 0]}, f"{_T}.q", REMOVE),
+            kept[lay.stamp] = "$$s"
+        kept[lay.waiters] = _cond({"$gt": [size, 0]}, "$$q", None)
+        free = self._release_due() if ending else _free(lay.until)
+        return _cond(
+            _all(free, self._kind_ok(), {"$gt": [size, 0]}),
+            {"$let": {"vars": {"h": {"$arrayElemAt": ["$$q", 0]}}, "in": _merged(granted)}},
+            _merged(kept),
         )
-        return [{"$set": changed}, {"$unset": TMP}]
 
     def release(self, holding: Holding, stamp: str) -> Command:
         """End the caller's unexpired lease now; the first live waiter gets it
@@ -541,8 +561,7 @@ class Kind:
         return Command(self.holds(holding), self._end(stamp))
 
     def _end(self, stamp: str) -> Pipeline:
-        return self._settle(_live(_f(self.layout.waiters)), free=self._release_due(),
-                            ending=True, params={"s": _lit(stamp)})
+        return self._settle(_live(_f(self.layout.waiters)), stamp=stamp)
 
     def clear_expired(self, holding: Holding, stamp: str) -> Command | None:
         """Filter: the caller's lease is recorded but expired, and nobody took it
@@ -574,7 +593,7 @@ class Kind:
         free lease goes to the next waiter). Filter: none. Update: the queue
         without ``ticket``."""
         queue = _without(_live(_f(self.layout.waiters)), ticket)
-        return Command({}, self._settle(queue, free=_free(self.layout.until)))
+        return Command({}, self._settle(queue))
 
     # -- reading ----------------------------------------------------------------------
 

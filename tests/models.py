@@ -156,6 +156,31 @@ HOUSEKEEPING = frozenset(
 )
 
 
+class PlainFields(LockableMixin, Document):
+    """Scalar fields only: a grant loads them field by field."""
+
+    name = mongoengine.StringField(default="unnamed")
+    count = mongoengine.IntField(default=lambda: 3)
+    ratio = mongoengine.FloatField(null=True)
+    price = mongoengine.DecimalField(precision=2)
+    when = mongoengine.DateTimeField()
+    flag = mongoengine.BooleanField(default=True)
+    ref = mongoengine.ObjectIdField()
+
+    meta = {"collection": "test_plain_fields"}
+
+
+class MixedFields(LockableMixin, Document):
+    """A list and an embedded document: a grant builds the document as
+    ``reload()`` does."""
+
+    name = mongoengine.StringField(default="unnamed")
+    tags = mongoengine.ListField(mongoengine.StringField())
+    extra = mongoengine.DictField()
+
+    meta = {"collection": "test_mixed_fields"}
+
+
 class CommandRecorder(monitoring.CommandListener):
     """Records the commands started on a client (a pymongo ``CommandListener``)."""
 

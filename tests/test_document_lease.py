@@ -7,6 +7,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 
+import mongoengine
 import pytest
 from bson import ObjectId
 
@@ -16,6 +17,7 @@ from mongoengine_lockable import (
     LockUnavailableError,
     UnsavedDocumentError,
 )
+from mongoengine_lockable._rules import DOCUMENT_LAYOUT
 from mongoengine_lockable.signals import lock_acquired, lock_released, lock_renewed
 
 from models import (
@@ -23,7 +25,9 @@ from models import (
     EmailTask,
     Job,
     KeyedJob,
+    MixedFields,
     PendingQuerySet,
+    PlainFields,
     Task,
     TenantJob,
     W1Job,
@@ -138,6 +142,60 @@ def test_lock_refreshes_every_field_from_the_database(job):
     assert job.tries == 7
     assert job.status == "pending"  # as stored
     assert job._get_changed_fields() == []
+
+
+STORED_VARIANTS = [
+    # Every field stored.
+    {"name": "n", "count": 5, "ratio": 0.5, "price": "1.239", "when": datetime(2026, 1, 2, 3, 4, 5),
+     "flag": False, "ref": ObjectId()},
+    # Fields missing from the stored document, or stored as null: defaults
+    # apply where the field has one, as a reload applies them.
+    {"name": None, "ratio": None},
+    {},
+]
+
+
+@pytest.mark.usefixtures("lockable_db")
+@pytest.mark.parametrize("stored", STORED_VARIANTS)
+@pytest.mark.parametrize("cls", [PlainFields, MixedFields])
+def test_a_grant_loads_the_document_as_reload_does(cls, stored):
+    doc = cls().save()
+    names = set(cls._fields) - {"id"}
+    fields = {k: v for k, v in stored.items() if k in names}
+    if cls is MixedFields:
+        fields = {"name": stored.get("name", "x"), "tags": ["a", "b"], "extra": {"k": [1]}}
+    coll = cls._get_collection()
+    plain = names - set(DOCUMENT_LAYOUT.all)
+    coll.update_one({"_id": doc.pk}, {"$unset": dict.fromkeys(plain, "")})
+    if fields:
+        coll.update_one({"_id": doc.pk}, {"$set": fields})
+    assert doc.lock(30) is True
+    reloaded = cls.objects.get(pk=doc.pk)
+    for name in cls._fields:
+        assert getattr(doc, name) == getattr(reloaded, name), name
+        assert type(getattr(doc, name)) is type(getattr(reloaded, name)), name
+    assert doc._get_changed_fields() == []
+    doc.release()
+
+
+@pytest.mark.usefixtures("lockable_db")
+def test_a_post_init_receiver_sees_the_loaded_document():
+    """With a ``post_init`` receiver, a grant builds the document it loads
+    (as ``reload()`` does), so that the receiver can change what is loaded."""
+    seen = []
+
+    def receiver(sender, document, **kwargs):
+        seen.append(document)
+        document._data["name"] = (document._data.get("name") or "").upper()
+
+    doc = PlainFields(name="low").save()
+    mongoengine.signals.post_init.connect(receiver, sender=PlainFields)
+    try:
+        assert doc.lock(30) is True
+    finally:
+        mongoengine.signals.post_init.disconnect(receiver, sender=PlainFields)
+    assert seen and doc.name == "LOW"
+    doc.release()
 
 
 @pytest.mark.parametrize("call", ["lock", "update_if_held"])

@@ -9,6 +9,7 @@ built by hand.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any, Callable
@@ -91,16 +92,27 @@ def granted(request: Any, ms: int = 5000, at: datetime = SERVER) -> Result:
 
 
 def _ticket(request: Any) -> str:
-    scratch = request.update[0]["$set"]["_lockable"]
-    if "t" in scratch:  # a single attempt's parameters
-        return str(scratch["t"]["$literal"])
-    return _queue_ticket(request)
+    """The ticket of an acquisition's write: the one ticket-shaped literal of
+    its pipeline (a grant's token and stamp, a waiter's own entry)."""
+    found: set[str] = set()
 
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            literal = node.get("$literal")
+            if isinstance(literal, str) and re.fullmatch(r"[0-9a-f]{24}", literal):
+                found.add(literal)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
 
-def _queue_ticket(request: Any) -> str:
-    # A waiting attempt's ticket: the caller's parameter of its first stage.
-    ticket: str = request.update[0]["$set"]["_lockable"]["$let"]["in"]["c"]["$literal"]
+    walk(request.update)
+    (ticket,) = found
     return ticket
+
+
+_queue_ticket = _ticket
 
 
 @pytest.fixture
@@ -336,7 +348,7 @@ def test_an_ambiguous_release_is_read_back_by_its_stamp() -> None:
 
     def answer(request: Any) -> Any:
         if isinstance(request, Modify):
-            stamps.append(request.update[0]["$set"]["_lockable"]["$let"]["in"]["s"]["$literal"])
+            stamps.append(_ticket(request))
             raise AutoReconnect("reply lost")
         assert isinstance(request, Read) and request.majority
         assert request.filter["lock_stamp"] == stamps[0]
