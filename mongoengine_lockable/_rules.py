@@ -347,6 +347,15 @@ class Kind:
         """Expression: the record belongs to this kind of lock."""
         return True
 
+    def _finished(self, doc: Mapping[str, Any]) -> bool:
+        """A held record whose holder released it already (a minimum hold)."""
+        return False
+
+    def _unreleased(self, doc: Mapping[str, Any]) -> bool:
+        """The record's last lease was not released (it may have expired):
+        a release sets ``until`` to null."""
+        return doc.get(self.layout.until) is not None
+
     # -- conditions -----------------------------------------------------------------
 
     def free(self) -> Filter:
@@ -624,7 +633,7 @@ class Kind:
             queued=len(waiters),
             time_left=max(_ms_between(until, now), 0.0) if held and until and now else 0.0,
             foreign=foreign,
-            finished=held and lay.token not in doc,
+            finished=held and self._finished(doc),
             ticket=doc.get(lay.token) if held else None,
         )
 
@@ -655,7 +664,7 @@ class Kind:
             state = "kept"  # released, but its minimum hold has not ended
         elif view.held:
             state = "held"
-        elif lay.token in doc and until is not None:
+        elif self._unreleased(doc):
             state = "expired"
         elif fence:
             state = "released"
@@ -797,6 +806,14 @@ class NamedKind(Kind):
     def _foreign(self, doc: Mapping[str, Any]) -> str | None:
         kind = doc.get(self.KIND_FIELD, self.name)
         return None if kind == self.name else str(kind)
+
+    def _finished(self, doc: Mapping[str, Any]) -> bool:
+        # A release removes the grant's token and keeps the minimum hold.
+        return self.layout.token not in doc
+
+    def _unreleased(self, doc: Mapping[str, Any]) -> bool:
+        # A release leaves an expired date (for the TTL index) and no token.
+        return self.layout.token in doc and doc.get(self.layout.until) is not None
 
 
 # -- shared leases: semaphores and read/write locks ------------------------------------

@@ -293,6 +293,24 @@ def test_describe_for_operators() -> None:
     assert parse_owner("my-worker") is None and parse_owner(None) is None
 
 
+def test_records_written_by_version_0_1_are_read_as_held_expired_or_released() -> None:
+    """0.1 stored no grant token in a document: its lease is held or expired
+    by its date, never "kept" (a named lock's minimum hold, which 0.1 named
+    records, with their token, still show as before)."""
+    old = {"_id": "x", "locked_until": LATER, "locked_by": "w-1", "lock_fence": 4}
+    view = DOC.view(old, NOW)
+    assert view.held and view.holder == "w-1" and not view.finished
+    assert DOC.describe(old, NOW)["state"] == "held"
+    assert DOC.describe({**old, "locked_until": EARLIER}, NOW)["state"] == "expired"
+    assert DOC.describe({**old, "locked_until": None}, NOW)["state"] == "released"
+    named = {"_id": "n", "locked_until": LATER, "owner": "w-1", "fence": 9, "token": "t0"}
+    assert NAMED.describe(named, NOW)["state"] == "held"
+    kept = {k: v for k, v in named.items() if k != "token"}
+    assert NAMED.describe(kept, NOW)["state"] == "kept"
+    assert NAMED.describe({**named, "locked_until": EARLIER}, NOW)["state"] == "expired"
+    assert NAMED.describe({**kept, "locked_until": EARLIER}, NOW)["state"] == "released"
+
+
 # -- differential: the real server and the evaluator ------------------------------------------
 
 
