@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -105,10 +106,12 @@ class Out:
             self.console.print(table)
             return
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+        if sys.stdout.isatty():  # a pipe gets every cell whole
+            widths = fit(widths, shutil.get_terminal_size().columns - 2, keep)
 
         def fmt(cells: Sequence[str]) -> str:
             return "  ".join(
-                c.rjust(w) if i in right else c.ljust(w)
+                cut(c, w).rjust(w) if i in right else cut(c, w).ljust(w)
                 for i, (c, w) in enumerate(zip(cells, widths))
             ).rstrip()
 
@@ -122,6 +125,31 @@ class Out:
     def dump(self, value: Any) -> None:
         """Print ``value`` as JSON."""
         print(json.dumps(value, indent=2, sort_keys=True, default=json_default))
+
+
+#: A shortened column keeps at least this many characters.
+NARROWEST = 6
+
+
+def fit(widths: Sequence[int], room: int, keep: Sequence[int] = ()) -> list[int]:
+    """Column widths whose row (two spaces between columns) fits in ``room``:
+    the widest column not in ``keep`` gives up a character at a time, none below
+    :data:`NARROWEST`. Wider than ``room`` only when that is not enough."""
+    fitted = list(widths)
+    excess = sum(fitted) + 2 * (len(fitted) - 1) - room
+    while excess > 0:
+        shrinkable = [i for i, w in enumerate(fitted) if i not in keep and w > NARROWEST]
+        if not shrinkable:
+            break
+        widest = max(shrinkable, key=lambda i: fitted[i])
+        fitted[widest] -= 1
+        excess -= 1
+    return fitted
+
+
+def cut(text: str, width: int) -> str:
+    """``text`` in ``width`` characters, an ellipsis marking a cut."""
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
 
 
 def json_default(value: Any) -> Any:

@@ -239,14 +239,14 @@ def test_list_a_collection_without_leases_says_so(db: LockableDB) -> None:
     assert "no held or expired leases" in result.stdout and "--all" in result.stdout
 
 
-def run_in_terminal(*args: str, columns: int = 80) -> str:
+def run_in_terminal(*args: str, columns: int = 80, term: str = "xterm") -> str:
     """Run the command line with its output on a terminal ``columns`` wide
-    (rich draws tables there); return what it drew."""
+    (rich draws tables there, plain text on ``TERM=dumb``); return what it drew."""
     import pty
 
     primary, secondary = pty.openpty()
     environ = {k: v for k, v in os.environ.items() if k != "MONGODB_URI"}
-    environ.update(COLUMNS=str(columns), LINES="50", TERM="xterm")
+    environ.update(COLUMNS=str(columns), LINES="50", TERM=term)
     proc = subprocess.Popen([sys.executable, "-m", "mongoengine_lockable", *args],
                             stdin=subprocess.DEVNULL, stdout=secondary, stderr=secondary,
                             env=environ)
@@ -265,15 +265,17 @@ def run_in_terminal(*args: str, columns: int = 80) -> str:
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode())
 
 
-def test_list_on_a_narrow_terminal_shows_whole_ids(db: LockableDB) -> None:
+@pytest.mark.parametrize("term", ["xterm", "dumb"])
+def test_list_on_a_narrow_terminal_shows_whole_ids(db: LockableDB, term: str) -> None:
     """On an 80-column terminal the id column is never shortened: each row can
-    be told apart and its id pasted into ``release``."""
+    be told apart and its id pasted into ``release``; another column gives way,
+    with rich's table (``xterm``) and without (``dumb``, or rich not installed)."""
     assert db.uri is not None
     docs = [CliJob(name="n" * 40).save() for _ in range(3)]
     for doc in docs:
         assert doc.lock(300, owner="a-rather-long-owner-name-" + "x" * 30)
     drawn = run_in_terminal("list", "--uri", db.uri, "--db", db.db_name,
-                            "--collection", "cli_jobs")
+                            "--collection", "cli_jobs", term=term)
     for doc in docs:
         assert str(doc.pk) in drawn, drawn
     assert max(len(line) for line in drawn.splitlines()) <= 80, drawn
