@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 # Re-install only when the packaging metadata or a requirements file changes.
 STAMP := $(VENV)/.install-stamp
 DEMO_STAMP := $(VENV)/.demo-stamp
-METADATA := setup.cfg setup.py pyproject.toml
+# The version is read from the package (setup.cfg: attr), so it is metadata too.
+METADATA := setup.cfg setup.py pyproject.toml mongoengine_lockable/__init__.py
 REQUIREMENTS := $(wildcard requirements/*.txt)
 FRAMEWORKS := --build-constraint requirements/build-constraints.txt -r requirements/frameworks.txt
 # benchmarks/ may not exist yet; ruff fails on a missing path.

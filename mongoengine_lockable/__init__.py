@@ -21,7 +21,7 @@ from ._named import NamedLock, exclusive
 from ._queryset import LockableQuerySet
 from ._shared import NamedSemaphore, ReadWriteLock
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "LockError",
