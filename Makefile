@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.install-stamp
 DEMO_STAMP := $(VENV)/.demo-stamp
 # The version is read from the package (setup.cfg: attr), so it is metadata too.
-METADATA := setup.cfg setup.py pyproject.toml mongoengine_lockable/__init__.py
+METADATA := setup.cfg setup.py pyproject.toml mongoengine_lockable/_version.py
 REQUIREMENTS := $(wildcard requirements/*.txt)
 FRAMEWORKS := --build-constraint requirements/build-constraints.txt -r requirements/frameworks.txt
 # benchmarks/ may not exist yet; ruff fails on a missing path.

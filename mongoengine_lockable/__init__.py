@@ -16,12 +16,12 @@
 
 from . import signals
 from ._errors import LockError, LockNotOwnedError, LockUnavailableError, UnsavedDocumentError
+from ._exclusive import exclusive
 from ._mixin import LockableMixin
-from ._named import NamedLock, exclusive
+from ._named import NamedLock
 from ._queryset import LockableQuerySet
 from ._shared import NamedSemaphore, ReadWriteLock
-
-__version__ = "0.2.0"
+from ._version import __version__
 
 __all__ = [
     "LockError",

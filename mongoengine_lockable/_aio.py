@@ -55,7 +55,6 @@ from pymongo.driver_info import DriverInfo  # noqa: E402
 from pymongo.errors import OperationFailure  # noqa: E402
 from pymongo.write_concern import WriteConcern  # noqa: E402
 
-from . import __version__  # noqa: E402
 from ._engine import Lease, Pause, Result, Sleep, Steps  # noqa: E402
 from ._io import Call, Executor, MockIO, MockWaker, bounded, is_mongomock  # noqa: E402
 from ._keepalive import LeaseHandle  # noqa: E402
@@ -68,6 +67,7 @@ from ._named import (  # noqa: E402
     ttl_refused,
 )
 from ._rules import View  # noqa: E402
+from ._version import __version__  # noqa: E402
 
 __all__ = [
     "PYMONGO_NEEDED",

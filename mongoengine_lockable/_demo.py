@@ -54,8 +54,8 @@ from mongoengine import Document
 from mongoengine.fields import BooleanField, IntField, ListField, StringField
 
 from ._errors import LockNotOwnedError
+from ._exclusive import exclusive
 from ._mixin import LockableMixin
-from ._named import exclusive
 
 __all__ = [
     "CRON_LOCK",

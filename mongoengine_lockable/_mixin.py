@@ -15,16 +15,15 @@ from mongoengine.queryset import QuerySet, QuerySetManager, transform
 from pymongo.write_concern import WriteConcern
 
 from . import _args
-from ._engine import Lease, Result
+from ._document import KIND, document_lease, executor_of
 from ._errors import UnsavedDocumentError
-from ._io import DEFAULT_WRITE_CONCERN, SyncIO, checked_write_concern, executor_for
+from ._io import DEFAULT_WRITE_CONCERN
 from ._keepalive import BlockingLease
 from ._queryset import LockableQuerySet
-from ._rules import DOCUMENT_LAYOUT, DocumentKind, new_owner
+from ._rules import DOCUMENT_LAYOUT, new_owner
 
 __all__ = ["LockableMixin", "document_lease", "executor_of"]
 
-KIND = DocumentKind()
 _PROTECTED = KIND.protected()
 
 
@@ -76,62 +75,6 @@ def _declared_querysets(cls: type) -> list[type]:
                     default is not QuerySet:
                 found.append(default)
     return found
-
-
-def executor_of(doc_cls: Any, collection: Any | None = None) -> SyncIO:
-    """The executor of a document class's leases on ``collection`` (default:
-    the class's own), built once per class and collection; the class's
-    ``lock_write_concern`` applies."""
-    write_concern = checked_write_concern(doc_cls.lock_write_concern, "lock_write_concern")
-    own = doc_cls._get_collection()
-    collection = own if collection is None else collection
-    cached = doc_cls.__dict__.get("_lockable_io")
-    if cached is not None and cached[0] is collection and cached[1] is write_concern:
-        io: SyncIO = cached[2]
-        return io
-    io = executor_for(collection, write_concern)
-    # A switch_db()/using() collection differs from the class's: only the
-    # class's own is worth keeping.
-    if collection is own:
-        type.__setattr__(doc_cls, "_lockable_io", (collection, write_concern, io))
-    return io
-
-
-def document_lease(doc: Any) -> BlockingLease:
-    """The lease handle of a document instance (created on first use).
-
-    The handle refers to its document weakly: a forgotten document can be
-    garbage-collected, and its keepalive then stops.
-    """
-    handle: BlockingLease | None = doc.__dict__.get("_lockable_handle")
-    match = doc._lease_match()
-    if handle is None or handle.lease.match != match:
-        cls = type(doc)
-        ref = weakref.ref(doc)
-
-        def subject() -> tuple[Any, dict[str, Any]]:
-            return cls, {"document": ref()}
-
-        def on_stored(result: Result, whole: bool) -> None:
-            document = ref()
-            if document is not None and result.doc is not None:
-                if whole:
-                    document._load_stored(result.doc)
-                else:
-                    document._load_lease_fields(result.doc)
-
-        lease = Lease(
-            KIND,
-            match,
-            what=f"{cls.__name__} {doc.pk!r}",
-            target=doc.pk,
-            subject=subject,
-            on_stored=on_stored,
-            missing=lambda: cls.DoesNotExist(f"{cls.__name__} {doc.pk!r} does not exist"),
-        )
-        handle = BlockingLease(lease, executor_of(cls))
-        doc.__dict__["_lockable_handle"] = handle
-    return handle
 
 
 #: Field classes whose stored value becomes the instance's by ``to_python``

@@ -10,13 +10,13 @@ from mongoengine.errors import OperationError
 from mongoengine.queryset import QuerySetNoCache
 
 from . import _args
+from ._document import KIND, document_lease, executor_of
 from ._engine import ClaimSpec, Result, claim, claim_many, release_all
 from ._io import SyncIO, run
-from ._rules import Ask, DocumentKind, new_owner, new_ticket
+from ._rules import Ask, new_owner, new_ticket
 
 __all__ = ["LockableQuerySet", "LockableQuerySetNoCache"]
 
-KIND = DocumentKind()
 
 
 class _LeaseQueries:
@@ -40,8 +40,6 @@ class _LeaseQueries:
         def _sub_js_fields(self, code: str) -> str: ...
 
     def _io(self) -> SyncIO:
-        from ._mixin import executor_of
-
         return executor_of(self._document, self._collection)
 
     def _lease_filter(self, flt: dict[str, Any]) -> Any:
@@ -106,8 +104,6 @@ class _LeaseQueries:
 
     def _claimed(self, result: Result, ask: Ask, sent: float, waited: float,
                  keepalive: bool) -> Any:
-        from ._mixin import document_lease
-
         assert result.doc is not None
         doc = self._document._from_son(result.doc, created=False)
         handle = document_lease(doc)

@@ -1,5 +1,6 @@
-"""Named locks and semaphores for asyncio: :class:`AsyncNamedLock`,
-:class:`AsyncNamedSemaphore` and :func:`exclusive` on coroutine functions::
+"""Named locks and semaphores for asyncio: :class:`AsyncNamedLock` and
+:class:`AsyncNamedSemaphore` (and :func:`~mongoengine_lockable.exclusive` on
+coroutine functions holds an :class:`AsyncNamedLock`)::
 
     from mongoengine_lockable.aio import AsyncNamedLock
 
@@ -47,13 +48,12 @@ from ._named import (
     NamedHandle,
     NamedSettings,
     _same,
-    exclusive,
     lock_setup,
 )
 from ._rules import Kind, NamedKind, host_and_pid
 from ._shared import holders_of, semaphore_setup
 
-__all__ = ["AsyncNamedLock", "AsyncNamedSemaphore", "exclusive"]
+__all__ = ["AsyncNamedLock", "AsyncNamedSemaphore"]
 
 log = logging.getLogger("mongoengine_lockable.named")
 
@@ -331,7 +331,7 @@ def exclusively(
     alias: str,
     collection: str,
 ) -> Callable[..., Any]:
-    """The wrapper :func:`exclusive` makes of a coroutine function: a
+    """The wrapper :func:`~mongoengine_lockable.exclusive` makes of a coroutine function: a
     coroutine function that awaits ``func`` only while holding the
     :class:`AsyncNamedLock` named ``namer(*args, **kwargs)``, and returns
     ``None`` (logged, ``lock_unavailable`` sent) when another holder has it.

@@ -1,0 +1,3 @@
+"""The version of the package (read by the build as well: see setup.cfg)."""
+
+__version__ = "0.2.0"
