@@ -1,8 +1,13 @@
-"""Document classes shared by the tests, and the helpers they use to look at the
+"""The document classes of the tests, and the helpers they use to look at the
 database behind the library's back.
 
-The worker processes that tests start (``tests/workers.py``) use the classes
-they share with their tests from here too.
+Every document class of the test suite is here, for the tests and for the
+worker processes they start (``tests/workers.py``) alike: first those several
+test modules share, then those of one test module each, under its name. The
+exceptions are classes whose creation a test is about (a definition that must
+raise, a framework's document in ``test_frameworks.py``) and those of the
+inner sessions that ``test_testing_harness.py`` runs: they are defined where
+they are tested.
 
 Every class has its own collection, so that tests of one never see another's
 documents (each test gets a fresh database from the ``lockable_db`` fixture).
@@ -148,6 +153,36 @@ ALL_MODELS = (
 # Each has a collection of its own too. The ones that worker processes
 # (``tests/workers.py``) share with their test are here for both sides.
 
+# test_ambiguous.py
+
+
+class Ticket(LockableMixin, Document):
+    n = IntField()
+    meta = {"collection": "ambiguous_tickets"}
+
+
+# test_bad_input_table.py
+
+
+class Item(LockableMixin, Document):
+    name = StringField()
+    status = StringField(default="new")
+    tries = IntField(default=0)
+
+    meta = {"collection": "test_bad_input_table_items"}
+
+
+class UnacknowledgedItem(LockableMixin, Document):
+    """Lease writes with ``w=0``: the server sends no reply, so a grant cannot
+    be told from a refusal."""
+
+    name = StringField()
+
+    lock_write_concern = WriteConcern(w=0)
+
+    meta = {"collection": "test_bad_input_table_w0_items"}
+
+
 # test_celery.py (its tasks, in ``tests/celery_app.py``, run in Celery workers)
 
 #: Collections of the test database written by :meth:`Account.sync`.
@@ -175,6 +210,23 @@ class Account(Document):
                 raise TimeoutError(f"the gate of account {self.pk} stayed closed")
             time.sleep(0.02)
         db[ACCOUNT_RUNS].insert_one({"account": self.pk, "event": "end", "pid": os.getpid()})
+
+
+# test_cli.py
+
+
+class CliJob(LockableMixin, Document):
+    """Documents whose leases the tests list and release."""
+
+    name = StringField()
+    meta = {"collection": "cli_jobs"}
+
+
+class CliIntJob(LockableMixin, Document):
+    """A collection with integer ids, for ``release`` of a numeric ID."""
+
+    id = IntField(primary_key=True)
+    meta = {"collection": "cli_int_jobs"}
 
 
 # test_clock_skew.py (and its ``clock_skew`` workers)
@@ -205,6 +257,26 @@ class FailoverDoc(LockableMixin, Document):
 class FairJob(LockableMixin, Document):
     n = IntField(default=0)
     meta = {"collection": "test_fair_jobs"}
+
+
+# test_holding.py
+
+
+class HoldJob(LockableMixin, Document):
+    payload = StringField()
+    meta = {"collection": "test_hold_jobs"}
+
+
+class ShardedByIdJob(LockableMixin, Document):
+    """A shard key that includes the primary key."""
+
+    tenant = StringField(required=True)
+    meta = {"collection": "test_sharded_by_id_jobs", "shard_key": ("tenant", "id")}
+
+
+class ShardedOnIdJob(LockableMixin, Document):
+    tenant = StringField()
+    meta = {"collection": "test_sharded_on_id_jobs", "shard_key": ("id",)}
 
 
 # test_keepalive.py (and its ``keepalive_probe`` workers)
@@ -249,6 +321,41 @@ class ProcTask(LockableMixin, Document):
     meta = {"collection": "proc_tasks", "indexes": [("handled_by", "locked_until")]}
 
 
+# test_prometheus.py
+
+
+class PromJob(LockableMixin, Document):
+    name = StringField()
+
+
+# test_state_machine.py
+
+
+class Counter(LockableMixin, Document):
+    """The one document every client of a run works on."""
+
+    name = StringField()
+    counter = IntField(default=0)
+
+    meta = {"collection": "test_state_machine"}
+
+
+# test_testing_harness.py
+
+
+class HarnessDoc(Document):
+    name = StringField()
+
+
+#: The connection alias of :class:`AliasDoc`: a user's own connection, which
+#: the test connects itself.
+HARNESS_USER_ALIAS = "harness_user"
+
+
+class AliasDoc(Document):
+    meta = {"db_alias": HARNESS_USER_ALIAS, "collection": "alias_doc"}
+
+
 # test_waiting.py (and its ``lease_*`` workers)
 
 
@@ -258,6 +365,14 @@ class WaitJob(LockableMixin, Document):
     value = IntField(default=0)
 
     meta = {"collection": "test_wait_jobs"}
+
+
+# test_waker_events.py
+
+
+class Watched(LockableMixin, Document):
+    n = IntField(default=0)
+    meta = {"collection": "waker_events"}
 
 
 # test_worker_claims.py (and its ``claim_*`` workers)
