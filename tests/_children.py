@@ -1,16 +1,18 @@
 """Worker processes of the tests, both sides: the parent's and the worker's.
 
 Tests that need real concurrency (or a process to kill) run their workers as
-fresh interpreters::
+fresh interpreters of one script, ``tests/workers.py``::
 
-    python tests/SCRIPT.py COMMAND '{"uri": ..., "db": ..., ...}'
+    python tests/workers.py COMMAND '{"uri": ..., "db": ..., ...}'
 
-where ``SCRIPT.py`` is a module of workers (``proc_workers.py``,
-``fault_workers.py``) or a test module that is also its own worker script
-(``test_exclusive.py``, ``test_keepalive.py``, ``test_waiting.py``). A worker
-inherits nothing from the parent: it connects MongoEngine itself. ``tests/`` is
-not a package; a worker script finds this module because Python puts the
+which holds every command (its table says which are connected first and
+which have a watchdog). A worker inherits nothing from the parent: it
+connects MongoEngine itself. ``tests/`` is not a package; the script finds
+this module, ``models.py`` and ``_recipes.py`` because Python puts the
 script's directory first on ``sys.path`` (and pytest puts ``tests/`` there).
+The test modules are not scripts: they start workers and import from
+``workers.py`` only the values they share with them (collections, schedules);
+the document classes both sides use are in ``models.py``.
 
 The protocol, in lines on the worker's standard streams:
 
@@ -49,7 +51,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, NamedTuple, NoReturn
 
 import mongoengine
 
@@ -60,7 +62,22 @@ START_TIMEOUT = 60.0
 #: The workers' ``serverSelectionTimeoutMS`` when :func:`run_worker` connects.
 SERVER_SELECTION_MS = 20_000
 
+#: The script every worker runs.
+WORKERS = Path(__file__).resolve().with_name("workers.py")
+
 Command = Callable[[dict[str, Any]], None]
+
+
+class Worker(NamedTuple):
+    """How :func:`run_worker` runs a command."""
+
+    #: The command itself, called with the JSON arguments.
+    run: Command
+    #: End the process after that many seconds, whatever it does.
+    watchdog: float | None = None
+    #: Connect MongoEngine (:func:`connect`) before the command; otherwise
+    #: the command connects itself, as it needs to.
+    connected: bool = False
 
 
 # -- the worker's side -----------------------------------------------------------------------
@@ -114,28 +131,19 @@ def connect(args: dict[str, Any], **options: Any) -> None:
     )
 
 
-def run_worker(
-    argv: list[str],
-    commands: dict[str, Command],
-    *,
-    watchdog: float | None = None,
-    connected: bool = False,
-) -> None:
+def run_worker(argv: list[str], commands: dict[str, Worker]) -> None:
     """The worker's entry point: run ``COMMAND JSON`` (``argv``, without the
-    script) as ``commands[COMMAND](json.loads(JSON))``.
-
-    :param watchdog: end the process after that many seconds, whatever it does.
-    :param connected: connect MongoEngine (:func:`connect`) before the command;
-        otherwise each command connects itself, as it needs to.
-    """
+    script) as ``commands[COMMAND]`` says, on ``json.loads(JSON)``: start its
+    watchdog, connect if it is to be connected, then call it."""
     if len(argv) != 2 or argv[0] not in commands:
         sys.exit(f"usage: {Path(sys.argv[0]).name} {{{','.join(commands)}}} JSON_ARGS")
     args = json.loads(argv[1])
-    if watchdog is not None:
-        start_watchdog(watchdog)
-    if connected:
+    worker = commands[argv[0]]
+    if worker.watchdog is not None:
+        start_watchdog(worker.watchdog)
+    if worker.connected:
         connect(args, serverSelectionTimeoutMS=SERVER_SELECTION_MS)
-    commands[argv[0]](args)
+    worker.run(args)
 
 
 # -- the parent's side -----------------------------------------------------------------------
@@ -151,9 +159,8 @@ def fail(message: str) -> NoReturn:
 class Child:
     """One worker process, seen from the test: started, talked to, reaped.
 
-    :param script: the worker script, run by this interpreter from the
-        repository's root.
-    :param command: the worker's command; ``args`` its arguments (JSON).
+    :param command: the worker's command in ``tests/workers.py`` (run by this
+        interpreter from the repository's root); ``args`` its arguments (JSON).
     :param name: names the child in messages and its stderr file; by default
         ``COMMAND-N``, with N counted across the session.
     :param prefix: a command to run the interpreter under (``faketime ...``).
@@ -164,7 +171,6 @@ class Child:
 
     def __init__(
         self,
-        script: str | Path,
         command: str,
         args: dict[str, Any],
         tmp_path: Path,
@@ -178,11 +184,10 @@ class Child:
         self.stderr_path = tmp_path / f"{self.name}.stderr"
         self._stderr = open(self.stderr_path, "wb")
         self._pending = b""
-        path = Path(script).resolve()
         try:
             self.proc = subprocess.Popen(
-                [*prefix, sys.executable, str(path), command, json.dumps(args)],
-                cwd=path.parents[1],
+                [*prefix, sys.executable, str(WORKERS), command, json.dumps(args)],
+                cwd=WORKERS.parents[1],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=self._stderr,
@@ -285,17 +290,16 @@ class Child:
 
 
 class Children:
-    """The workers one test starts from one script; :meth:`close` (or the end
-    of the ``with`` block) kills and reaps every one of them.
+    """The workers one test starts; :meth:`close` (or the end of the ``with``
+    block) kills and reaps every one of them.
 
     Calling the group, ``children(COMMAND, **args)``, starts a child with the
     default name; :meth:`start` takes the arguments as a dict, so that a name,
     a prefix or an environment can be given too.
     """
 
-    def __init__(self, tmp_path: Path, script: str | Path) -> None:
+    def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
-        self.script = script
         #: Every child started, in order.
         self.started: list[Child] = []
 
@@ -308,9 +312,7 @@ class Children:
         prefix: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
     ) -> Child:
-        child = Child(
-            self.script, command, args, self.tmp_path, name=name, prefix=prefix, env=env
-        )
+        child = Child(command, args, self.tmp_path, name=name, prefix=prefix, env=env)
         self.started.append(child)
         return child
 

@@ -2,11 +2,12 @@
 (the job model, the worker loop, the Celery tasks), run as written, on a
 MongoDB broker.
 
-A test starts a worker with the ``celery`` command line, as a user would::
+A test starts a worker as a ``celery_worker`` worker of ``tests/workers.py``::
 
-    python tests/celery_app.py worker '{"broker": "mongodb://.../DB?...", ...}'
+    python tests/workers.py celery_worker '{"broker": "mongodb://.../DB?...", ...}'
 
-which replaces itself (same pid) with::
+which replaces itself (same pid) with the ``celery`` command line, as a user
+would run it::
 
     python -m celery -A celery_app worker --pool=prefork --concurrency=N ...
 
@@ -17,57 +18,32 @@ consumes tasks, and exits at once (status 3) when its stdin closes, i.e. when
 the test process is gone; its pool processes die with it (Celery sets their
 parent-death signal). It logs to stderr, which the test keeps and quotes.
 
-What the recipes leave to the user is defined here: ``Account.sync`` and
-``process_job`` record what ran, by which process, in collections of the test
-database, and ``Account.sync`` holds its lock until the test opens the
-account's gate, so that the test decides when a run ends.
+What the recipes leave to the user is defined here (``process_job``) and in
+``tests/models.py`` (``Account``): ``Account.sync`` and ``process_job`` record
+what ran, by which process, in collections of the test database, and
+``Account.sync`` holds its lock until the test opens the account's gate, so
+that the test decides when a run ends.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import mongoengine
 from celery.signals import worker_ready
-from mongoengine import Document
-from mongoengine.fields import IntField
 
 import _children
 import _recipes
+from models import Account
+from workers import CELERY_BROKER_ENV
 
-BROKER_ENV = "LOCKABLE_CELERY_BROKER"
-#: Collections of the test database written by the tasks' work.
-RUNS = "celery_runs"
-GATES = "celery_gates"
+#: The collection of the test database written by :func:`process_job`.
 HANDLED = "celery_handled"
-#: Longest a sync waits for its gate, and longest a worker lives.
-GATE_TIMEOUT = 120.0
+#: Longest a worker lives.
 WATCHDOG = 600.0
-
-
-class Account(Document):
-    """What the recipe's ``sync_account`` task syncs."""
-
-    id = IntField(primary_key=True)
-
-    meta = {"collection": "celery_accounts"}
-
-    def sync(self) -> None:
-        """Record the start, wait until the test opens this account's gate,
-        record the end."""
-        db = mongoengine.get_db()
-        db[RUNS].insert_one({"account": self.pk, "event": "start", "pid": os.getpid()})
-        deadline = time.monotonic() + GATE_TIMEOUT
-        while db[GATES].find_one({"_id": self.pk}) is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the gate of account {self.pk} stayed closed")
-            time.sleep(0.02)
-        db[RUNS].insert_one({"account": self.pk, "event": "end", "pid": os.getpid()})
 
 
 def process_job(job: Any) -> str:
@@ -100,9 +76,9 @@ def build(broker_url: str) -> dict[str, Any]:
     return namespace
 
 
-if os.environ.get(BROKER_ENV):
+if os.environ.get(CELERY_BROKER_ENV):
     # Imported by ``celery -A celery_app``.
-    _namespace = build(os.environ[BROKER_ENV])
+    _namespace = build(os.environ[CELERY_BROKER_ENV])
     app = _namespace["app"]
 
     @worker_ready.connect
@@ -115,23 +91,3 @@ if os.environ.get(BROKER_ENV):
         while True:
             _children.hear()  # at the end of stdin (the test is gone) it exits
 
-
-def cmd_worker(args: dict[str, Any]) -> None:
-    """Become ``celery -A celery_app worker`` (same pid, same pipes)."""
-    tests = str(Path(__file__).resolve().parent)
-    env = {
-        **os.environ,
-        BROKER_ENV: args["broker"],
-        "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p),
-    }
-    argv = [
-        sys.executable, "-m", "celery", "--quiet", "-A", "celery_app", "worker",
-        "--pool=prefork", f"--concurrency={args['concurrency']}",
-        f"--hostname={args['name']}@%h", "--loglevel=INFO",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ]
-    os.execve(sys.executable, argv, env)
-
-
-if __name__ == "__main__":
-    _children.run_worker(sys.argv[1:], {"worker": cmd_worker})

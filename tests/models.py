@@ -1,5 +1,13 @@
-"""Document classes shared by the tests, and the helpers they use to look at the
+"""The document classes of the tests, and the helpers they use to look at the
 database behind the library's back.
+
+Every document class of the test suite is here, for the tests and for the
+worker processes they start (``tests/workers.py``) alike: first those several
+test modules share, then those of one test module each, under its name. The
+exceptions are classes whose creation a test is about (a definition that must
+raise, a framework's document in ``test_frameworks.py``) and those of the
+inner sessions that ``test_testing_harness.py`` runs: they are defined where
+they are tested.
 
 Every class has its own collection, so that tests of one never see another's
 documents (each test gets a fresh database from the ``lockable_db`` fixture).
@@ -7,7 +15,9 @@ documents (each test gets a fresh database from the ``lockable_db`` fixture).
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -136,6 +146,258 @@ ALL_MODELS = (
     TenantJob,
     AliasedJob,
 )
+
+
+# -- the models of one test module each -----------------------------------------
+#
+# Each has a collection of its own too. The ones that worker processes
+# (``tests/workers.py``) share with their test are here for both sides.
+
+# test_ambiguous.py
+
+
+class Ticket(LockableMixin, Document):
+    n = IntField()
+    meta = {"collection": "ambiguous_tickets"}
+
+
+# test_bad_input_table.py
+
+
+class Item(LockableMixin, Document):
+    name = StringField()
+    status = StringField(default="new")
+    tries = IntField(default=0)
+
+    meta = {"collection": "test_bad_input_table_items"}
+
+
+class UnacknowledgedItem(LockableMixin, Document):
+    """Lease writes with ``w=0``: the server sends no reply, so a grant cannot
+    be told from a refusal."""
+
+    name = StringField()
+
+    lock_write_concern = WriteConcern(w=0)
+
+    meta = {"collection": "test_bad_input_table_w0_items"}
+
+
+# test_celery.py (its tasks, in ``tests/celery_app.py``, run in Celery workers)
+
+#: Collections of the test database written by :meth:`Account.sync`.
+ACCOUNT_RUNS = "celery_runs"
+ACCOUNT_GATES = "celery_gates"
+#: Longest a sync waits for its gate.
+ACCOUNT_GATE_TIMEOUT = 120.0
+
+
+class Account(Document):
+    """What the recipe's ``sync_account`` task syncs."""
+
+    id = IntField(primary_key=True)
+
+    meta = {"collection": "celery_accounts"}
+
+    def sync(self) -> None:
+        """Record the start, wait until the test opens this account's gate,
+        record the end."""
+        db = mongoengine.get_db()
+        db[ACCOUNT_RUNS].insert_one({"account": self.pk, "event": "start", "pid": os.getpid()})
+        deadline = time.monotonic() + ACCOUNT_GATE_TIMEOUT
+        while db[ACCOUNT_GATES].find_one({"_id": self.pk}) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the gate of account {self.pk} stayed closed")
+            time.sleep(0.02)
+        db[ACCOUNT_RUNS].insert_one({"account": self.pk, "event": "end", "pid": os.getpid()})
+
+
+# test_cli.py
+
+
+class CliJob(LockableMixin, Document):
+    """Documents whose leases the tests list and release."""
+
+    name = StringField()
+    meta = {"collection": "cli_jobs"}
+
+
+class CliIntJob(LockableMixin, Document):
+    """A collection with integer ids, for ``release`` of a numeric ID."""
+
+    id = IntField(primary_key=True)
+    meta = {"collection": "cli_int_jobs"}
+
+
+# test_clock_skew.py (and its ``clock_skew`` workers)
+
+
+class SkewDoc(LockableMixin, Document):
+    """Documents leased by processes whose clocks are wrong."""
+
+    group = StringField(required=True)
+
+    meta = {"collection": "skew_docs", "indexes": [("group", "locked_until")]}
+
+
+# test_failover.py (its ``failover`` workers)
+
+
+class FailoverDoc(LockableMixin, Document):
+    """The document whose lease the fail-over workers pass around."""
+
+    name = StringField()
+
+    meta = {"collection": "failover_docs"}
+
+
+# test_fairness.py (and its ``fair_waiter`` workers)
+
+
+class FairJob(LockableMixin, Document):
+    n = IntField(default=0)
+    meta = {"collection": "test_fair_jobs"}
+
+
+# test_holding.py
+
+
+class HoldJob(LockableMixin, Document):
+    payload = StringField()
+    meta = {"collection": "test_hold_jobs"}
+
+
+class ShardedByIdJob(LockableMixin, Document):
+    """A shard key that includes the primary key."""
+
+    tenant = StringField(required=True)
+    meta = {"collection": "test_sharded_by_id_jobs", "shard_key": ("tenant", "id")}
+
+
+class ShardedOnIdJob(LockableMixin, Document):
+    tenant = StringField()
+    meta = {"collection": "test_sharded_on_id_jobs", "shard_key": ("id",)}
+
+
+# test_keepalive.py (and its ``keepalive_probe`` workers)
+
+
+class KeepJob(LockableMixin, Document):
+    payload = StringField()
+
+    meta = {"collection": "test_keepalive_jobs"}
+
+
+#: The connection alias of :class:`FrozenJob`, which the test using it
+#: connects to a replica set of its own.
+FROZEN_ALIAS = "lockable-frozen"
+
+
+class FrozenJob(LockableMixin, Document):
+    """A document on a server that the test freezes (``SIGSTOP``)."""
+
+    meta = {"collection": "frozen_jobs", "db_alias": FROZEN_ALIAS}
+
+
+# test_processes.py (and its ``proc_*`` workers)
+
+
+class ProcCounter(LockableMixin, Document):
+    """One counter that many processes increment under its lease."""
+
+    value = IntField(default=0)
+
+    meta = {"collection": "proc_counters"}
+
+
+class ProcTask(LockableMixin, Document):
+    """A unit of work that exactly one worker must handle."""
+
+    n = IntField(required=True)
+    handled_by = StringField(default=None)
+
+    # What a user draining a queue this way would declare: equality on
+    # ``handled_by``, then the lease's range on ``locked_until``.
+    meta = {"collection": "proc_tasks", "indexes": [("handled_by", "locked_until")]}
+
+
+# test_prometheus.py
+
+
+class PromJob(LockableMixin, Document):
+    name = StringField()
+
+
+# test_state_machine.py
+
+
+class Counter(LockableMixin, Document):
+    """The one document every client of a run works on."""
+
+    name = StringField()
+    counter = IntField(default=0)
+
+    meta = {"collection": "test_state_machine"}
+
+
+# test_testing_harness.py
+
+
+class HarnessDoc(Document):
+    name = StringField()
+
+
+#: The connection alias of :class:`AliasDoc`: a user's own connection, which
+#: the test connects itself.
+HARNESS_USER_ALIAS = "harness_user"
+
+
+class AliasDoc(Document):
+    meta = {"db_alias": HARNESS_USER_ALIAS, "collection": "alias_doc"}
+
+
+# test_waiting.py (and its ``lease_*`` workers)
+
+
+class WaitJob(LockableMixin, Document):
+    """The document the processes of test_waiting.py wait for."""
+
+    value = IntField(default=0)
+
+    meta = {"collection": "test_wait_jobs"}
+
+
+# test_waker_events.py
+
+
+class Watched(LockableMixin, Document):
+    n = IntField(default=0)
+    meta = {"collection": "waker_events"}
+
+
+# test_worker_claims.py (and its ``claim_*`` workers)
+
+
+class ClaimTask(LockableMixin, Document):
+    """A queue entry: pending until one worker has handled it."""
+
+    n = IntField(required=True)
+    status = StringField(default="pending")
+    handled_by = StringField()
+
+    meta = {"collection": "claim_tasks", "indexes": [("status", "locked_until")]}
+
+
+#: The connection alias of :class:`ArgTask`, connected by the test's
+#: ``silent_db`` fixture through a client of its own.
+CLAIM_ARGS_ALIAS = "lockable-claim-args"
+
+
+class ArgTask(LockableMixin, Document):
+    n = IntField()
+    status = StringField(default="pending")
+
+    meta = {"collection": "claim_arg_tasks", "db_alias": CLAIM_ARGS_ALIAS}
 
 
 # -- looking at the database directly -------------------------------------------

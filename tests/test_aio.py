@@ -8,10 +8,9 @@ asyncio API (older than 4.13.2, as in the lowest-versions run) the module
 must refuse to import, saying which pymongo it needs: that is checked there,
 and the rest is skipped with the reason.
 
-This file is also the worker script of the test between processes: run as
-``python tests/test_aio.py holds JSON`` it takes a lock many times, with a
-blocking ``NamedLock`` or an ``AsyncNamedLock``, and reports its holds
-(the protocol: ``tests/_children.py``).
+The test between processes runs ``aio_holds`` workers (``tests/workers.py``):
+each takes a lock many times, with a blocking ``NamedLock`` or an
+``AsyncNamedLock``, and reports its holds.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import configparser
 import gc
 import inspect
 import math
-import os
 import sys
 import time
 import warnings
@@ -43,14 +41,7 @@ from mongoengine_lockable import (
 )
 from mongoengine_lockable._named import DEFAULT_COLLECTION
 
-from _children import (
-    Children,
-    assert_fences_follow_grants,
-    max_overlap,
-    ready_then_wait_for_go,
-    run_worker,
-    say,
-)
+from _children import Children, assert_fences_follow_grants, max_overlap
 
 NEEDED = (4, 13, 2)
 HAS_ASYNC_PYMONGO = tuple(int(p) for p in pymongo.version_tuple[:3]) >= NEEDED
@@ -141,49 +132,6 @@ def test_coroutines_exclude_each_other(lockable_db: Any) -> None:
     assert NamedLock.is_free("between-coroutines")
 
 
-def child_holds(args: dict[str, Any]) -> None:
-    """Take ``name`` ``count`` times, waiting, with a blocking ``NamedLock``
-    (``mode`` "sync") or an ``AsyncNamedLock`` ("async"), holding each for
-    ``hold`` seconds; print ``HOLDS {holds}`` (wall-clock times)."""
-    name, count, hold = args["name"], args["count"], args["hold"]
-    if args["mode"] == "sync":
-        warm = NamedLock(f"warm-{os.getpid()}", 5)
-        assert warm.acquire()
-        warm.release()
-        ready_then_wait_for_go()
-        lock = NamedLock(name, 30, wait=None)
-        holds = []
-        for _ in range(count):
-            t_try = time.time()
-            assert lock.acquire()
-            t_acq = time.time()
-            time.sleep(hold)
-            holds.append({"t_try": t_try, "t_acq": t_acq, "t_rel": time.time(),
-                          "fence": lock.fence, "mode": "sync"})
-            lock.release()
-        say("HOLDS", holds=holds)
-        return
-
-    async def main() -> list[dict[str, Any]]:
-        warm = AsyncNamedLock(f"warm-{os.getpid()}", 5)
-        assert await warm.acquire()
-        await warm.release()
-        await asyncio.get_running_loop().run_in_executor(None, ready_then_wait_for_go)
-        lock = AsyncNamedLock(name, 30, wait=None)
-        holds = []
-        for _ in range(count):
-            t_try = time.time()
-            assert await lock.acquire()
-            t_acq = time.time()
-            await asyncio.sleep(hold)
-            holds.append({"t_try": t_try, "t_acq": t_acq, "t_rel": time.time(),
-                          "fence": lock.fence, "mode": "async"})
-            await lock.release()
-        return holds
-
-    say("HOLDS", holds=asyncio.run(main()))
-
-
 @needs_aio
 def test_an_asyncio_process_and_a_blocking_one_share_the_lock(
     lockable_real_db: Any, tmp_path: Path
@@ -193,8 +141,8 @@ def test_an_asyncio_process_and_a_blocking_one_share_the_lock(
     grows with the grants, whichever face took them."""
     args = {"uri": lockable_real_db.uri, "db": lockable_real_db.db_name,
             "name": "sync-and-async", "count": 12, "hold": 0.01}
-    with Children(tmp_path, __file__) as children:
-        workers = [children("holds", mode=mode, **args)
+    with Children(tmp_path) as children:
+        workers = [children("aio_holds", mode=mode, **args)
                    for mode in ("async", "sync", "async", "sync")]
         for worker in workers:
             worker.expect("READY")
@@ -784,6 +732,3 @@ def test_bad_arguments_are_rejected_before_any_io(
 async def _coroutine_function(day: str) -> None:  # pragma: no cover - never awaited
     pass
 
-
-if __name__ == "__main__":
-    run_worker(sys.argv[1:], {"holds": child_holds}, watchdog=180, connected=True)

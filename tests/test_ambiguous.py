@@ -17,19 +17,15 @@ from typing import Any
 
 import mongoengine
 import pytest
-from mongoengine import Document, IntField
 from pymongo import ReturnDocument
 from pymongo.errors import AutoReconnect, OperationFailure
 
-from mongoengine_lockable import LockableMixin, LockNotOwnedError, NamedLock, NamedSemaphore
+from mongoengine_lockable import LockNotOwnedError, NamedLock, NamedSemaphore
 from mongoengine_lockable._engine import is_ambiguous
 from mongoengine_lockable._mixin import executor_of
 from mongoengine_lockable._rules import RESULT_PROJECTION
 
-
-class Ticket(LockableMixin, Document):
-    n = IntField()
-    meta = {"collection": "ambiguous_tickets"}
+from models import Ticket
 
 
 class LosesReplies:

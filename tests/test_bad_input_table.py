@@ -22,12 +22,10 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, NamedTuple
 
 import pytest
-from mongoengine import Document, IntField, StringField
 from mongoengine.connection import ConnectionFailure
 from pymongo.write_concern import WriteConcern
 
 from mongoengine_lockable import (
-    LockableMixin,
     NamedLock,
     NamedSemaphore,
     ReadWriteLock,
@@ -35,24 +33,7 @@ from mongoengine_lockable import (
     exclusive,
 )
 
-
-class Item(LockableMixin, Document):
-    name = StringField()
-    status = StringField(default="new")
-    tries = IntField(default=0)
-
-    meta = {"collection": "test_bad_input_table_items"}
-
-
-class UnacknowledgedItem(LockableMixin, Document):
-    """Lease writes with ``w=0``: the server sends no reply, so a grant cannot
-    be told from a refusal."""
-
-    name = StringField()
-
-    lock_write_concern = WriteConcern(w=0)
-
-    meta = {"collection": "test_bad_input_table_w0_items"}
+from models import Item, UnacknowledgedItem
 
 
 class Ctx(NamedTuple):

@@ -1,7 +1,8 @@
 """Celery workers on a MongoDB broker, running the recipes of ``docs/recipes.rst``.
 
 Each test starts real ``celery -A celery_app worker`` processes (prefork pool,
-two processes each; ``tests/celery_app.py``) whose broker, result backend and
+two processes each; ``tests/celery_app.py``, started as ``celery_worker``
+workers of ``tests/workers.py``) whose broker, result backend and
 documents are the test's database on the real server (kombu's MongoDB
 transport), sends tasks from this process by name, as any Celery client does,
 and stops the workers with ``SIGTERM`` (a warm shutdown) by pid. A worker's log
@@ -31,11 +32,11 @@ import pytest
 from mongoengine_lockable import NamedLock
 
 from _children import Child, Children, fail
-from celery_app import GATES, HANDLED, RUNS
+from celery_app import HANDLED
+from models import ACCOUNT_GATES, ACCOUNT_RUNS
 
 pytestmark = pytest.mark.slow
 
-CELERY_APP = Path(__file__).with_name("celery_app.py")
 #: Seconds a worker gets to start, and any awaited step to happen, on a
 #: loaded machine.
 START_TIMEOUT = 90.0
@@ -59,7 +60,7 @@ def test_broker_url_names_the_database() -> None:
 def start_workers(children: Children, broker: str, *names: str) -> list[Child]:
     """Start a worker (two pool processes) per name, all at once; return once
     each consumes tasks."""
-    workers = [children.start("worker", {"broker": broker, "name": name, "concurrency": 2},
+    workers = [children.start("celery_worker", {"broker": broker, "name": name, "concurrency": 2},
                               name=name)
                for name in names]
     for worker in workers:
@@ -119,9 +120,9 @@ def test_a_task_locked_per_argument_runs_once_per_key(lockable_real_db: Any,
     db["celery_accounts"].insert_many([{"_id": n} for n in (1, 2, 3)])
 
     def starts(account: int) -> list[dict[str, Any]]:
-        return list(db[RUNS].find({"account": account, "event": "start"}))
+        return list(db[ACCOUNT_RUNS].find({"account": account, "event": "start"}))
 
-    with Children(tmp_path, CELERY_APP) as children, celery_client(broker) as client:
+    with Children(tmp_path) as children, celery_client(broker) as client:
         workers = start_workers(children, broker, "locks")
 
         # Two keys: both run at once, each holding its own lock.
@@ -131,7 +132,7 @@ def test_a_task_locked_per_argument_runs_once_per_key(lockable_real_db: Any,
         assert starts(1)[0]["pid"] != starts(2)[0]["pid"]
         assert NamedLock.owner_of("sync-account:1") is not None
         assert NamedLock.owner_of("sync-account:2") is not None
-        db[GATES].insert_many([{"_id": 1}, {"_id": 2}])
+        db[ACCOUNT_GATES].insert_many([{"_id": 1}, {"_id": 2}])
         assert result_of(one, workers) == 1
         assert result_of(two, workers) == 2
 
@@ -146,13 +147,13 @@ def test_a_task_locked_per_argument_runs_once_per_key(lockable_real_db: Any,
         assert result_of(skipped, workers) is None  # @exclusive skipped it
         assert len(starts(3)) == 1
         assert NamedLock.owner_of("sync-account:3") is not None
-        db[GATES].insert_one({"_id": 3})
+        db[ACCOUNT_GATES].insert_one({"_id": 3})
         assert result_of(running, workers) == 3
         assert len(starts(3)) == 1
         assert NamedLock.is_free("sync-account:3")
 
         stop_workers(workers)
-    assert db[RUNS].count_documents({"event": "end"}) == 3
+    assert db[ACCOUNT_RUNS].count_documents({"event": "end"}) == 3
 
 
 JOBS = 60
@@ -165,7 +166,7 @@ def test_celery_workers_drain_a_queue_each_job_once(lockable_real_db: Any,
                                                      tmp_path: Path) -> None:
     db = lockable_real_db.database
     broker = broker_url(lockable_real_db.uri, lockable_real_db.db_name)
-    with Children(tmp_path, CELERY_APP) as children, celery_client(broker) as client:
+    with Children(tmp_path) as children, celery_client(broker) as client:
         workers = start_workers(children, broker, "drain-a", "drain-b")
         drains = [client.send_task("tasks.drain_jobs", kwargs={"idle": 3, "lease": 1})
                   for _ in range(4)]

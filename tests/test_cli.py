@@ -24,12 +24,12 @@ from typing import Any, Callable
 import pymongo
 import pytest
 from bson import ObjectId
-from mongoengine import Document
-from mongoengine.fields import IntField, StringField
 
-from mongoengine_lockable import LockableMixin, LockNotOwnedError, NamedLock
+from mongoengine_lockable import LockNotOwnedError, NamedLock
 from mongoengine_lockable._demo import JobsReport, _check_jobs
 from mongoengine_lockable.testing import LockableDB
+
+from models import CliIntJob, CliJob
 
 PROG = "mongoengine-lockable"
 UNREACHABLE = "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=500"
@@ -40,20 +40,6 @@ ROW_KEYS = {
     "kind", "id", "state", "remaining", "owner", "host", "pid", "fence",
     "locked_until", "acquired_at", "waiters",
 }
-
-
-class CliJob(LockableMixin, Document):
-    """Documents whose leases the tests list and release."""
-
-    name = StringField()
-    meta = {"collection": "cli_jobs"}
-
-
-class CliIntJob(LockableMixin, Document):
-    """A collection with integer ids, for ``release`` of a numeric ID."""
-
-    id = IntField(primary_key=True)
-    meta = {"collection": "cli_int_jobs"}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

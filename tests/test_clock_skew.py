@@ -3,7 +3,7 @@
 Worker processes run under Debian's ``faketime`` (libfaketime, preloaded with
 ``LD_PRELOAD``) with their wall clock 2 hours ahead or behind; the test process
 (normal clock) holds a document lease and a named lock. The skewed workers
-(``tests/fault_workers.py``, command ``skew``) must not get them (``lock()`` ->
+(command ``clock_skew`` of ``tests/workers.py``) must not get them (``lock()`` ->
 ``False``, ``claim()`` -> ``None``, ``acquire()`` -> ``False``): a client clock
 2 h ahead would otherwise see those 30 s leases long expired. Then each takes
 leases of its own of 1 s; they must end 1 s after the grant by the server's
@@ -28,13 +28,9 @@ import pytest
 
 from mongoengine_lockable import NamedLock
 
-if __package__:
-    from . import _children, fault_workers
-else:  # tests/ is not a package: pytest put it on sys.path
-    import _children
-    import fault_workers
-
-SkewDoc = fault_workers.SkewDoc
+from _children import Child, Children
+from models import SkewDoc
+from workers import server_now as server_now_of
 
 FAKETIME = "/usr/bin/faketime"
 INSTALL = "apt-get install -y faketime"
@@ -66,13 +62,13 @@ def faketime() -> str:
 
 @pytest.fixture
 def spawn(tmp_path: Path, faketime: str) -> Iterator[Any]:
-    """Start ``skew`` workers under ``faketime -f OFFSET``; all are killed and
+    """Start ``clock_skew`` workers under ``faketime -f OFFSET``; all are killed and
     reaped when the test ends."""
-    with _children.Children(tmp_path, fault_workers.__file__) as children:
+    with Children(tmp_path) as children:
 
-        def start(name: str, offset: str, **args: Any) -> _children.Child:
+        def start(name: str, offset: str, **args: Any) -> Child:
             return children.start(
-                "skew",
+                "clock_skew",
                 args,
                 name=name,
                 prefix=(faketime, "-f", offset),
@@ -87,7 +83,7 @@ def spawn(tmp_path: Path, faketime: str) -> Iterator[Any]:
 def server_now() -> datetime:
     """The server's ``$$NOW`` (through any document of the collection)."""
     doc = SkewDoc._get_collection().find_one({}, {"_id": True})
-    return fault_workers.server_now(SkewDoc._get_collection(), doc["_id"])
+    return server_now_of(SkewDoc._get_collection(), doc["_id"])
 
 
 @pytest.mark.parametrize("offset", ["+2h", "-2h"])

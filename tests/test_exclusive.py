@@ -15,19 +15,14 @@ scheduled time: a process that the loaded machine wakes half a second late must
 not run a tick the lease no longer covers. The common start time is chosen
 once every process is connected, and lies in the future.
 
-This file is also the worker script of the tick test: run as
-``python tests/test_exclusive.py ticker JSON`` it connects MongoEngine itself
-and talks to the parent in ``WORD {json}`` lines on its standard streams
-(the protocol and the parent's side: ``tests/_children.py``).
+The processes are ``exclusive_ticker`` workers (``tests/workers.py``, where
+their schedule is defined).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -35,13 +30,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-import mongoengine
 import pytest
 
 from mongoengine_lockable import NamedLock, exclusive
 from mongoengine_lockable._named import DEFAULT_COLLECTION
 
-from _children import Child, Children, hear, run_worker, say
+from _children import Child, Children
+from workers import TICKER_INTERVAL, TICKER_RUNS, TICKER_TICKS
 
 LOGGER = "mongoengine_lockable.named"
 
@@ -159,19 +154,13 @@ def test_arguments_are_checked_when_decorating(
 # -- the tick test -------------------------------------------------------------------------
 
 PROCESSES = 4
-INTERVAL = 0.5
-TICKS = 12  # 6 s
 OFFSETS = [0.0, 0.05, 0.10, 0.15]  # each process's fixed lag behind the schedule
-JITTER = 0.01
-MISFIRE_GRACE = 0.1
-DURATION, MIN_HOLD = 0.45, 0.3
-RUNS_COLLECTION = "tick_runs"
 
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Children]:
-    """This file's worker commands as child processes (see ``_children``)."""
-    with Children(tmp_path, __file__) as children:
+    """Worker processes (see ``_children``)."""
+    with Children(tmp_path) as children:
         yield children
 
 
@@ -181,7 +170,7 @@ def test_every_tick_runs_exactly_once_across_processes(
 ) -> None:
     db = lockable_real_db
     tickers = [
-        spawn("ticker", uri=db.uri, db=db.db_name, offset=offset, seed=i)
+        spawn("exclusive_ticker", uri=db.uri, db=db.db_name, offset=offset, seed=i)
         for i, offset in enumerate(OFFSETS)
     ]
     for ticker in tickers:
@@ -189,9 +178,10 @@ def test_every_tick_runs_exactly_once_across_processes(
     start = time.time() + 1.0  # in the future for everyone
     for ticker in tickers:
         ticker.send(json.dumps(start))
-    results = {t.name: t.expect("RESULT", timeout=TICKS * INTERVAL + 30) for t in tickers}
+    results = {t.name: t.expect("RESULT", timeout=TICKER_TICKS * TICKER_INTERVAL + 30)
+               for t in tickers}
 
-    runs = list(db.database[RUNS_COLLECTION].find({}, {"_id": False}))
+    runs = list(db.database[TICKER_RUNS].find({}, {"_id": False}))
     per_tick = Counter(run["tick"] for run in runs)
     report = "\n".join(
         f"{name}: ran {r['ran']}, skipped {r['skipped']}, misfired {r['misfired']}, "
@@ -199,45 +189,9 @@ def test_every_tick_runs_exactly_once_across_processes(
         for name, r in results.items()
     )
     print(report)
-    assert sorted(per_tick) == list(range(TICKS)), f"ticks run: {dict(per_tick)}\n{report}"
+    assert sorted(per_tick) == list(range(TICKER_TICKS)), f"ticks run: {dict(per_tick)}\n{report}"
     twice = {tick: n for tick, n in per_tick.items() if n != 1}
     assert not twice, f"ticks run more than once: {twice}\n{runs}\n{report}"
     # The lock did the work: other processes' firings found it held.
-    assert sum(len(r["skipped"]) for r in results.values()) >= TICKS, report
+    assert sum(len(r["skipped"]) for r in results.values()) >= TICKER_TICKS, report
 
-
-def child_ticker(args: dict[str, Any]) -> None:
-    """Fire the job on the shared schedule: tick k at start + k * INTERVAL +
-    this process's offset + jitter."""
-    runs = mongoengine.get_db()[RUNS_COLLECTION]
-
-    @exclusive("report", DURATION, min_hold=MIN_HOLD)
-    def report(tick: int, scheduled: float) -> bool:
-        runs.insert_one(
-            {"tick": tick, "pid": os.getpid(), "scheduled": scheduled, "ran_at": time.time()}
-        )
-        return True
-
-    # Warm up: connection pool, TTL index, imports; all before the start.
-    warm = NamedLock(f"warm-up-{os.getpid()}", duration=1)
-    assert warm.acquire()
-    warm.release()
-    rng = random.Random(args["seed"])
-    say("READY")
-    start = float(hear())
-    ran, skipped, misfired, max_late = [], [], [], 0.0
-    for k in range(TICKS):
-        scheduled = start + k * INTERVAL + args["offset"] + rng.uniform(0, JITTER)
-        time.sleep(max(0.0, scheduled - time.time()))
-        late = time.time() - scheduled
-        max_late = max(max_late, late)
-        tick = round((scheduled - start) / INTERVAL)
-        if late > MISFIRE_GRACE:
-            misfired.append(tick)
-            continue
-        (ran if report(tick, scheduled) else skipped).append(tick)
-    say("RESULT", ran=ran, skipped=skipped, misfired=misfired, max_late=max_late)
-
-
-if __name__ == "__main__":
-    run_worker(sys.argv[1:], {"ticker": child_ticker}, watchdog=120, connected=True)

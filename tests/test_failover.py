@@ -3,7 +3,7 @@
 holding and releasing a document lease and a named lock.
 
 Three workers pass one document's lease around, two a named lock
-(``tests/fault_workers.py``, command ``failover``). Each records every hold to
+(command ``failover`` of ``tests/workers.py``). Each records every hold to
 a file of its own (the database is what is failing over): when the acquisition
 returned, when the release was sent, and whether ``release()`` succeeded (a
 "completed" hold). What must hold throughout:
@@ -40,11 +40,7 @@ from pymongo.write_concern import WriteConcern
 from mongoengine_lockable.testing import MongodReplicaSet
 from mongoengine_lockable.testing.plugin import start_replica_set_or_skip
 
-if __package__:
-    from . import _children, fault_workers
-else:  # tests/ is not a package: pytest put it on sys.path
-    import _children
-    import fault_workers
+from _children import Child, Children, assert_fences_follow_grants, max_overlap
 
 #: The workers' client: a call stuck on the frozen primary times out after
 #: 4 s; then the driver waits for a new primary (up to 30 s), watching the set
@@ -180,8 +176,8 @@ def run_through_freeze(
         "handshake": True,
         "max_seconds": 180,
     }
-    children = _children.Children(tmp_path, fault_workers.__file__)
-    workers: list[_children.Child] = []
+    children = Children(tmp_path)
+    workers: list[Child] = []
     paths: dict[str, Path] = {}
     paused: int | None = None
     try:
@@ -336,9 +332,9 @@ def assert_within_limit(holds: list[dict[str, Any]], limit: int, what: str) -> N
     """At no instant are more than ``limit`` of the intervals [t_acquired,
     t_release_start] open; fences are unique, and a hold acquired before
     another was attempted has the smaller fence."""
-    most = _children.max_overlap([(h["t_acquired"], h["t_release_start"]) for h in holds])
+    most = max_overlap([(h["t_acquired"], h["t_release_start"]) for h in holds])
     assert most <= limit, f"{what}: {most} completed holds at once (limit {limit})"
-    _children.assert_fences_follow_grants(holds, returned="t_acquired")
+    assert_fences_follow_grants(holds, returned="t_acquired")
 
 
 def test_limit_check_catches_too_many_holders_and_fences() -> None:

@@ -14,65 +14,30 @@ On the real server, with separate processes (documents and named locks):
 
 On mongomock, the same order with threads.
 
-This file is also the worker script of its process tests (``python
-tests/test_fairness.py wait JSON``); the protocol is ``tests/_children.py``'s.
+The processes are ``fair_waiter`` workers (``tests/workers.py``).
 """
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
-import mongoengine
 import pytest
 from bson import ObjectId
 
-from mongoengine_lockable import LockableMixin, NamedLock
+from mongoengine_lockable import NamedLock
 from mongoengine_lockable._named import DEFAULT_COLLECTION
 from mongoengine_lockable._rules import PICKUP_MS, WAITER_TTL_MS
 
-from _children import Child, Children, hear, ready_then_wait_for_go, run_worker, say
+from _children import Child, Children
+from models import FairJob
 
 KINDS = ["document", "named"]
 #: Every waiter of these tests asks for this lease.
 LEASE = 30.0
-
-
-class FairJob(LockableMixin, mongoengine.Document):
-    n = mongoengine.IntField(default=0)
-    meta = {"collection": "test_fair_jobs"}
-
-
-# -- the worker's side ----------------------------------------------------------------------
-
-
-def _lease(args: dict[str, Any]) -> tuple[Callable[[float], bool], Callable[[], None],
-                                          Callable[[], int]]:
-    """``(take(wait), release(), fence())`` of the test's document or named lock."""
-    if args["kind"] == "document":
-        doc = FairJob.objects.get(pk=ObjectId(args["pk"]))
-        return ((lambda wait: doc.lock(args["lease"], wait=wait)), doc.release,
-                lambda: doc.lock_fence)
-    lock = NamedLock(args["name"], args["lease"])
-    return (lambda wait: lock.acquire(wait=wait)), lock.release, lambda: lock.fence or 0
-
-
-def child_wait(args: dict[str, Any]) -> None:
-    """On ``GO``: wait for the lease; report; hold it ``hold`` seconds; release."""
-    take, release, fence = _lease(args)
-    ready_then_wait_for_go()
-    say("WAITING")
-    taken = take(args["wait"])
-    say("RESULT", taken=taken, fence=fence() if taken else None, at=time.time())
-    if taken:
-        time.sleep(args.get("hold", 0.05))
-        release()
-        say("RELEASED")
-    hear()  # until the parent closes stdin
 
 
 # -- the parent's side ---------------------------------------------------------------------------
@@ -80,7 +45,7 @@ def child_wait(args: dict[str, Any]) -> None:
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Children]:
-    with Children(tmp_path, __file__) as children:
+    with Children(tmp_path) as children:
         yield children
 
 
@@ -138,7 +103,7 @@ def queue_in_order(target: Target, spawn: Children, count: int, **args: Any) -> 
     """Start ``count`` waiters one after the other, each queued before the next."""
     waiters = []
     for i in range(count):
-        child = spawn("wait", **target.args, wait=args.get("wait", 60), **{
+        child = spawn("fair_waiter", **target.args, wait=args.get("wait", 60), **{
             k: v for k, v in args.items() if k != "wait"})
         child.expect("READY")
         child.send("GO")
@@ -192,7 +157,7 @@ def test_a_waiter_that_times_out_leaves_the_queue(lockable_real_db: Any, spawn: 
                                                   kind: str) -> None:
     target = Target(kind, lockable_real_db)
     assert target.take()
-    quitter, patient = (spawn("wait", **target.args, wait=wait) for wait in (1.5, 60))
+    quitter, patient = (spawn("fair_waiter", **target.args, wait=wait) for wait in (1.5, 60))
     for child in (quitter, patient):
         child.expect("READY")
     for count, child in enumerate((quitter, patient), 1):
@@ -213,7 +178,7 @@ def queue_in_order_after(target: Target, spawn: Children, count: int, *, already
     """As :func:`queue_in_order`, behind ``already`` waiters."""
     waiters = []
     for i in range(count):
-        child = spawn("wait", **target.args, wait=args.get("wait", 60))
+        child = spawn("fair_waiter", **target.args, wait=args.get("wait", 60))
         child.expect("READY")
         child.send("GO")
         child.expect("WAITING")
@@ -286,6 +251,3 @@ def test_threads_are_served_in_order_on_mongomock(lockable_mongomock_db: Any,
     assert not errors, errors
     assert order == [0, 1, 2, 3, 4]
 
-
-if __name__ == "__main__":
-    run_worker(sys.argv[1:], {"wait": child_wait}, watchdog=120, connected=True)

@@ -14,10 +14,8 @@ from typing import Any
 
 import mongoengine
 import pytest
-from mongoengine import Document, StringField
 
 from mongoengine_lockable import (
-    LockableMixin,
     LockNotOwnedError,
     LockUnavailableError,
     NamedLock,
@@ -26,23 +24,7 @@ from mongoengine_lockable import (
 )
 from mongoengine_lockable._keepalive import keeper
 
-
-class HoldJob(LockableMixin, Document):
-    payload = StringField()
-    meta = {"collection": "test_hold_jobs"}
-
-
-class ShardedByIdJob(LockableMixin, Document):
-    """A shard key that includes the primary key."""
-
-    tenant = StringField(required=True)
-    meta = {"collection": "test_sharded_by_id_jobs", "shard_key": ("tenant", "id")}
-
-
-class ShardedOnIdJob(LockableMixin, Document):
-    tenant = StringField()
-    meta = {"collection": "test_sharded_on_id_jobs", "shard_key": ("id",)}
-
+from models import HoldJob, ShardedByIdJob, ShardedOnIdJob
 
 # -- ownership and time left ---------------------------------------------------------------
 

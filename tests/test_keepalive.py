@@ -12,17 +12,12 @@ On the real server, with 1 s leases (renewed every third of a second):
   forgotten and garbage-collected; the process's keeper renews every lease
   with the same few threads (none is started per lease).
 
-This file is also the worker script of its process test: run as
-``python tests/test_keepalive.py probe JSON`` it connects MongoEngine itself
-and talks to the parent in ``WORD {json}`` lines on its standard streams
-(the protocol and the parent's side: ``tests/_children.py``).
+The other process is a ``keepalive_probe`` worker (``tests/workers.py``).
 """
 
 from __future__ import annotations
 
 import gc
-import select
-import sys
 import threading
 import time
 import weakref
@@ -34,11 +29,12 @@ import mongoengine
 import pytest
 from bson import ObjectId
 
-from mongoengine_lockable import LockableMixin, LockNotOwnedError, NamedLock, signals
+from mongoengine_lockable import LockNotOwnedError, NamedLock, signals
 from mongoengine_lockable._keepalive import RENEWAL_THREADS, keeper
 from mongoengine_lockable._named import DEFAULT_COLLECTION
 
-from _children import Child, Children, ready_then_wait_for_go, run_worker, say
+from _children import Child, Children
+from models import FROZEN_ALIAS, FrozenJob, KeepJob
 
 #: The lease every test here keeps alive, in seconds.
 LEASE = 1.0
@@ -46,12 +42,6 @@ LEASE = 1.0
 NOTICED_WITHIN = 1.5
 
 KINDS = ["document", "named"]
-
-
-class KeepJob(LockableMixin, mongoengine.Document):
-    payload = mongoengine.StringField()
-
-    meta = {"collection": "test_keepalive_jobs"}
 
 
 def keeper_threads() -> list[threading.Thread]:
@@ -138,8 +128,8 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Children]:
-    """This file's worker command as child processes (see ``_children``)."""
-    with Children(tmp_path, __file__) as children:
+    """Worker processes (see ``_children``)."""
+    with Children(tmp_path) as children:
         yield children
 
 
@@ -151,7 +141,7 @@ def test_keepalive_outlives_a_job_four_times_the_lease(
     lockable_real_db: Any, spawn: Callable[..., Child], kind: str, lost: list[Any]
 ) -> None:
     held = Holder(kind, lockable_real_db)
-    prober = spawn("probe", **held.probe_args())
+    prober = spawn("keepalive_probe", **held.probe_args())
     prober.expect("READY")
     renewals: list[float] = []
 
@@ -304,35 +294,6 @@ def test_a_forgotten_holder_is_no_longer_renewed(lockable_real_db: Any, kind: st
     assert expiry(held) == last
 
 
-# -- the prober process ------------------------------------------------------------------------
-
-
-def child_probe(args: dict[str, Any]) -> None:
-    """On ``GO``, try to take the lease (no wait) every 0.1 s until ``STOP``;
-    report the tries, the successes and the span of time they covered."""
-    if args["kind"] == "document":
-        doc = KeepJob.objects.get(pk=ObjectId(args["pk"]))
-        take, release = (lambda: doc.lock(5)), doc.release
-    else:
-        lock = NamedLock(args["name"], duration=5)
-        take, release = (lambda: lock.acquire()), lock.release
-    ready_then_wait_for_go()
-    tries = taken = 0
-    first = time.monotonic()
-    while True:
-        tries += 1
-        if take():
-            taken += 1
-            release()
-        if select.select([sys.stdin], [], [], 0.1)[0]:
-            break
-    say("RESULT", tries=tries, taken=taken, span=time.monotonic() - first)
-
-
-if __name__ == "__main__":
-    run_worker(sys.argv[1:], {"probe": child_probe}, watchdog=120, connected=True)
-
-
 # -- the local deadline on a frozen server ---------------------------------------------------------
 
 
@@ -347,7 +308,7 @@ def test_lock_lost_fires_at_the_local_deadline_while_the_server_is_frozen(kind: 
     from mongoengine_lockable.testing.plugin import start_replica_set_or_skip
 
     replica_set = start_replica_set_or_skip(1)
-    alias = f"frozen-{kind}"
+    alias = FROZEN_ALIAS
     received: list[float] = []
 
     def receive(sender: Any, **kwargs: Any) -> None:
@@ -358,10 +319,7 @@ def test_lock_lost_fires_at_the_local_deadline_while_the_server_is_frozen(kind: 
                             uuidRepresentation="standard", connectTimeoutMS=500)
         with signals.lock_lost.connected_to(receive):
             if kind == "document":
-                doc_cls = type("FrozenJob", (LockableMixin, mongoengine.Document), {
-                    "meta": {"collection": "frozen_jobs", "db_alias": alias},
-                })
-                holder: Any = doc_cls().save()
+                holder: Any = FrozenJob().save()
                 before = time.monotonic()
                 assert holder.lock(LEASE, keepalive=True)
             else:

@@ -1,10 +1,11 @@
 """Leases under real concurrency: separate processes against a real ``mongod``,
 and threads on mongomock.
 
-The workers are separate interpreters running ``tests/proc_workers.py`` (see its
-docstring for the protocol). Every worker started by a test is killed and
-reaped when the test ends, however it ends; a worker that fails makes the test
-fail with its exit status and the tail of its stderr.
+The workers are separate interpreters running the ``proc_*`` commands of
+``tests/workers.py`` (the protocol: ``tests/_children.py``). Every worker
+started by a test is killed and reaped when the test ends, however it ends; a
+worker that fails makes the test fail with its exit status and the tail of its
+stderr.
 
 Nothing here asserts an upper bound on a duration: timings are printed (run
 with ``-s``) for the record, and the only time limits are generous timeouts
@@ -27,17 +28,9 @@ from typing import Any, Callable
 import pytest
 from bson import ObjectId
 
-if __package__:
-    from . import _children, proc_workers
-else:  # tests/ is not a package: pytest put it on sys.path
-    import _children
-    import proc_workers
-
-HANDLED_COLLECTION = proc_workers.HANDLED_COLLECTION
-ProcCounter = proc_workers.ProcCounter
-ProcTask = proc_workers.ProcTask
-
-Child = _children.Child
+from _children import Child, Children
+from models import ProcCounter, ProcTask
+from workers import COUNTER_LEASE, HANDLED_COLLECTION, pause
 
 #: Seconds a worker gets to start and connect, and all workers of a test to
 #: finish their work: hang guards, far above the durations measured (printed
@@ -61,10 +54,10 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Callable[..., Child]]:
-    """Start ``proc_workers.py`` workers, ``spawn(name, command, **args)``; the
+    """Start ``proc_*`` workers, ``spawn(name, command, **args)``; the
     result of each is the JSON file it writes (``out``: ``tmp_path/NAME.json``),
     read by :func:`result_of`. Every one is killed and reaped when the test ends."""
-    with _children.Children(tmp_path, proc_workers.__file__) as children:
+    with Children(tmp_path) as children:
 
         def start(name: str, command: str, **args: Any) -> Child:
             out = str(tmp_path / f"{name}.json")
@@ -126,7 +119,7 @@ def run_counter_workers(
     workers = [
         spawn(
             f"counter-{i}",
-            "counter",
+            "proc_counter",
             uri=db.uri,
             db=db.db_name,
             counter_id=str(counter.pk),
@@ -200,10 +193,10 @@ def test_threads_on_mongomock(lockable_mongomock_db: Any, locked: bool) -> None:
             barrier.wait(timeout=START_TIMEOUT)
             for _ in range(ITERATIONS):
                 if locked:
-                    assert mine.lock(proc_workers.COUNTER_LEASE, wait=None)
+                    assert mine.lock(COUNTER_LEASE, wait=None)
                     fences[index].append(mine.lock_fence)
                 value = collection.find_one(query)["value"]
-                proc_workers.pause(RACE_PAUSE)
+                pause(RACE_PAUSE)
                 collection.update_one(query, {"$set": {"value": value + 1}})
                 if locked:
                     mine.release()
@@ -263,7 +256,7 @@ def test_processes_drain_queue_exactly_once(lockable_real_db: Any, spawn: Any) -
     workers = [
         spawn(
             f"drain-{i}",
-            "drain",
+            "proc_drain",
             uri=lockable_real_db.uri,
             db=lockable_real_db.db_name,
             worker=f"w{i}",
@@ -323,9 +316,9 @@ def test_lease_of_killed_holder_expires(lockable_real_db: Any, spawn: Any) -> No
     }
     # The contender is connected and waiting before the lease is taken, so that
     # it tries while the lease is still held.
-    contender = spawn("contender", "contend", duration=1.0, wait=10, **common)
+    contender = spawn("contender", "proc_contend", duration=1.0, wait=10, **common)
     contender.expect("READY")
-    holder = spawn("holder", "hold", duration=1.0, **common)
+    holder = spawn("holder", "proc_hold", duration=1.0, **common)
     line = holder.read_line()
     assert line.startswith("HOLDING "), f"unexpected {line!r} from {holder.describe()}"
     held = json.loads(line[len("HOLDING ") :])

@@ -9,18 +9,15 @@ import time
 import weakref
 from collections.abc import Iterator
 
-import mongoengine
 import prometheus_client
 import pytest
 from prometheus_client import CollectorRegistry
 
-from mongoengine_lockable import LockableMixin, NamedLock, signals
+from mongoengine_lockable import NamedLock, signals
 from mongoengine_lockable.contrib.prometheus import LockMetrics, instrument
 from mongoengine_lockable.testing import LockableDB
 
-
-class PromJob(LockableMixin, mongoengine.Document):
-    name = mongoengine.StringField()
+from models import PromJob
 
 
 @pytest.fixture

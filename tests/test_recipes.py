@@ -12,33 +12,29 @@ extracts their code blocks); the Celery recipe runs in ``tests/test_celery.py``.
   out of step: each firing runs on one host, the others skip it thanks to
   ``min_hold``. The recipe's cron schedule is replaced by a 2 s interval.
 
-This file is also the worker script of its process tests (``tests/_children.py``).
+The processes are ``recipe_batch_worker`` and ``recipe_scheduler_host``
+workers (``tests/workers.py``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import sys
 import threading
 import time
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import mongoengine
 import pytest
 
-from mongoengine_lockable import exclusive, signals
-
-from _children import Children, hear, ready_then_wait_for_go, run_worker, say
+from _children import Children
 from _recipes import load, source
+from workers import QUEUE_RECIPES, SCHEDULER_INTERVAL, SCHEDULER_RUNS, SCHEDULER_TICKS
 
 #: The recipes that define the queue, the worker loop and the dead letters.
-RECIPES = load("recipe-model", "recipe-worker-loop", "recipe-dead-letters")
+RECIPES = load(*QUEUE_RECIPES)
 Job = RECIPES["Job"]
 MAX_ATTEMPTS = RECIPES["MAX_ATTEMPTS"]
 
@@ -126,26 +122,12 @@ def test_dead_letters_leave_a_job_in_its_last_attempt_alone(lockable_db: Any) ->
 # -- shutting down cleanly: a worker process and SIGTERM ---------------------------------
 
 
-def child_batch_worker(args: dict[str, Any]) -> None:
-    """Run the shutdown recipe's ``main`` on batches of ten."""
-    recipes = load("recipe-shutdown", into=RECIPES)
-
-    def handle(job: Any) -> str:
-        say("HANDLING", n=job.payload["n"])
-        time.sleep(args["work"])
-        return "ok"
-
-    ready_then_wait_for_go()
-    done = recipes["main"](handle)
-    say("STOPPED", done=done)
-
-
 def test_shutdown_hands_back_the_unfinished_batch(lockable_real_db: Any,
                                                  tmp_path: Path) -> None:
     for n in range(10):
         Job(payload={"n": n}).save()
-    with Children(tmp_path, __file__) as children:
-        worker = children("batch_worker", uri=lockable_real_db.uri,
+    with Children(tmp_path) as children:
+        worker = children("recipe_batch_worker", uri=lockable_real_db.uri,
                           db=lockable_real_db.db_name, work=0.5)
         worker.expect("READY", timeout=START_TIMEOUT)
         owner = f"{socket.gethostname()}:{worker.proc.pid}"  # as the recipe names it
@@ -167,15 +149,9 @@ def test_shutdown_hands_back_the_unfinished_batch(lockable_real_db: Any,
 
 # -- APScheduler on three hosts ------------------------------------------------------------
 
-#: The test's schedule: every INTERVAL seconds, TICKS times; host i fires
-#: i * SPREAD seconds late. MIN_HOLD covers the spread plus APScheduler's
-#: misfire grace time (1 s, its smallest), and DURATION ends before the next run.
-INTERVAL = 2.0
-TICKS = 4
+#: Host i fires i * SPREAD seconds late on the schedule of
+#: ``recipe_scheduler_host`` (``SCHEDULER_*`` in ``tests/workers.py``).
 SPREAD = 0.2
-MIN_HOLD = 1.5
-DURATION = 1.8
-RUNS = "scheduled_runs"
 
 
 def test_the_scheduler_recipe_is_the_one_tested() -> None:
@@ -185,55 +161,26 @@ def test_the_scheduler_recipe_is_the_one_tested() -> None:
     assert 'scheduler.add_job(nightly_report, "cron", hour=2, misfire_grace_time=60)' in code
 
 
-def child_host(args: dict[str, Any]) -> None:
-    """One host: an APScheduler firing the exclusive job on the shared
-    schedule, this host's lag late."""
-    from apscheduler.schedulers.background import BackgroundScheduler
-
-    runs = mongoengine.get_db()[RUNS]
-    skipped: list[float] = []
-    signals.lock_unavailable.connect(lambda sender, **kw: skipped.append(time.time()),
-                                     weak=False)
-
-    @exclusive("scheduled-report", DURATION, min_hold=MIN_HOLD)
-    def scheduled_report() -> None:
-        runs.insert_one({"pid": os.getpid(), "at": time.time()})
-
-    say("READY")
-    start = float(hear()) + args["lag"]
-    scheduler = BackgroundScheduler()
-    scheduler.add_job(scheduled_report, "interval", seconds=INTERVAL,
-                      start_date=datetime.fromtimestamp(start, timezone.utc),
-                      misfire_grace_time=1)
-    scheduler.start()
-    time.sleep(max(start + (TICKS - 0.5) * INTERVAL - time.time(), 0))
-    scheduler.shutdown(wait=True)
-    say("RESULT", skipped=len(skipped))
-
-
 @pytest.mark.slow
 def test_apscheduler_on_three_hosts_runs_each_firing_once(lockable_real_db: Any,
                                                           tmp_path: Path) -> None:
-    with Children(tmp_path, __file__) as children:
-        hosts = [children("host", uri=lockable_real_db.uri, db=lockable_real_db.db_name,
-                          lag=i * SPREAD)
+    with Children(tmp_path) as children:
+        hosts = [children("recipe_scheduler_host", uri=lockable_real_db.uri,
+                          db=lockable_real_db.db_name, lag=i * SPREAD)
                  for i in range(3)]
         for host in hosts:
             host.expect("READY", timeout=START_TIMEOUT)
         start = time.time() + 1.0  # in the future for every host
         for host in hosts:
             host.send(json.dumps(start))
-        results = [host.expect("RESULT", timeout=TICKS * INTERVAL + 30) for host in hosts]
-    runs = list(lockable_real_db.database[RUNS].find())
+        results = [host.expect("RESULT", timeout=SCHEDULER_TICKS * SCHEDULER_INTERVAL + 30)
+                   for host in hosts]
+    runs = list(lockable_real_db.database[SCHEDULER_RUNS].find())
     # The first firing of the tick ran; the interval trigger fires at
-    # start + k * INTERVAL (+ the host's lag).
-    ticks = Counter(round((run["at"] - start) / INTERVAL) for run in runs)
+    # start + k * SCHEDULER_INTERVAL (+ the host's lag).
+    ticks = Counter(round((run["at"] - start) / SCHEDULER_INTERVAL) for run in runs)
     report = f"runs per tick {dict(ticks)}, skipped per host {results}"
     assert [tick for tick, n in ticks.items() if n > 1] == [], report
-    assert len(ticks) >= TICKS - 1, report
+    assert len(ticks) >= SCHEDULER_TICKS - 1, report
     assert sum(r["skipped"] for r in results) >= len(ticks), report
 
-
-if __name__ == "__main__":
-    run_worker(sys.argv[1:], {"batch_worker": child_batch_worker, "host": child_host},
-               watchdog=120, connected=True)

@@ -18,16 +18,11 @@ before the return, ended after the call, and leases far longer than a hold
 never run out meanwhile), so an overlap of recorded intervals is an overlap
 of holds: the check cannot fail while the semaphore keeps its limit.
 
-This file is also the worker script of its process tests (see
-``tests/_children.py`` for the protocol): ``python tests/test_shared_locks.py
-COMMAND JSON``.
+The processes are ``semaphore_*`` and ``rw_cycle`` workers (``tests/workers.py``).
 """
 
 from __future__ import annotations
 
-import os
-import random
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -49,15 +44,7 @@ from mongoengine_lockable import (
 )
 from mongoengine_lockable._named import DEFAULT_COLLECTION
 
-from _children import (
-    Children,
-    assert_fences_follow_grants,
-    hear,
-    max_overlap,
-    ready_then_wait_for_go,
-    run_worker,
-    say,
-)
+from _children import Children, assert_fences_follow_grants, max_overlap
 
 # -- helpers ----------------------------------------------------------------------------
 
@@ -501,86 +488,12 @@ def test_acquire_and_release_are_one_find_and_modify_each(lockable_real_db: Any)
         assert rec.names == ["findAndModify", "findAndModify"], rec.commands
 
 
-# -- processes: the worker side ----------------------------------------------------------------
-
-
-def child_cycle(args: dict[str, Any]) -> None:
-    """Take the semaphore ``rounds`` times (waiting), hold it ``hold``
-    seconds each time; report every hold with monotonic times."""
-    sem = NamedSemaphore(args["name"], args["limit"], args["duration"])
-    ready_then_wait_for_go()
-    holds = []
-    for _ in range(args["rounds"]):
-        t_try = time.monotonic()
-        got = sem.acquire(wait=args["wait"])
-        t_acq = time.monotonic()
-        if not got:
-            holds.append({"got": False, "t_try": t_try})
-            continue
-        time.sleep(random.uniform(*args["hold"]))
-        t_rel = time.monotonic()
-        sem.release()
-        holds.append({"got": True, "t_try": t_try, "t_acq": t_acq, "t_rel": t_rel,
-                      "fence": sem.fence})
-    say("DONE", holds=holds)
-
-
-def child_hold(args: dict[str, Any]) -> None:
-    """Take a share and say ``HOLDING`` (with the monotonic time before the
-    attempt); then block until killed or EOF."""
-    sem = NamedSemaphore(args["name"], args["limit"], args["duration"])
-    before = time.monotonic()
-    say("HOLDING", taken=sem.acquire(), before=before, owner=sem.owner)
-    hear()
-
-
-def child_wait(args: dict[str, Any]) -> None:
-    """On ``GO``, wait for a share; report when it came."""
-    sem = NamedSemaphore(args["name"], args["limit"], args["duration"])
-    ready_then_wait_for_go()
-    started = time.monotonic()
-    taken = sem.acquire(wait=args["wait"])
-    say("RESULT", taken=taken, started=started, ended=time.monotonic(), owner=sem.owner,
-        holders=NamedSemaphore.holders(args["name"]))
-
-
-def child_rw(args: dict[str, Any]) -> None:
-    """Readers: hold a read share over and over until the ``stop`` file
-    exists. Writers: ``rounds`` times, wait for the write share, hold it,
-    pause. Every hold is reported at the end."""
-    rw = ReadWriteLock(args["name"], args["duration"])
-    ready_then_wait_for_go()
-    time.sleep(args.get("delay", 0))
-    holds = []
-    rounds = 0
-    while True:
-        if args["mode"] == "read" and os.path.exists(args["stop"]):
-            break
-        if args["mode"] == "write" and rounds == args["rounds"]:
-            break
-        rounds += 1
-        holder = rw.reader() if args["mode"] == "read" else rw.writer()
-        t_try = time.monotonic()
-        got = holder.acquire(wait=args["wait"])
-        t_acq = time.monotonic()
-        if got:
-            time.sleep(random.uniform(*args["hold"]))
-            t_rel = time.monotonic()
-            holder.release()
-            holds.append({"got": True, "t_try": t_try, "t_acq": t_acq, "t_rel": t_rel,
-                          "fence": holder.fence})
-        else:
-            holds.append({"got": False, "t_try": t_try, "t_acq": t_acq})
-        time.sleep(args.get("pause", 0))
-    say("DONE", holds=holds)
-
-
-# -- processes: the parent side ------------------------------------------------------------
+# -- processes ---------------------------------------------------------------------------------
 
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Children]:
-    with Children(tmp_path, __file__) as children:
+    with Children(tmp_path) as children:
         yield children
 
 
@@ -597,7 +510,7 @@ def test_processes_never_exceed_the_limit_and_use_every_slot(
     # Leases far longer than any hold: a recorded hold never outlives its lease.
     args = {**_base(lockable_real_db), "limit": limit, "duration": 60, "wait": 120,
             "rounds": rounds, "hold": [0.005, 0.03]}
-    children = [spawn("cycle", **args) for _ in range(procs)]
+    children = [spawn("semaphore_cycle", **args) for _ in range(procs)]
     for child in children:
         child.expect("READY")
     started = time.monotonic()
@@ -623,9 +536,9 @@ def test_a_killed_holders_share_comes_back_after_its_lease(
     lockable_real_db: Any, spawn: Children
 ) -> None:
     base = {**_base(lockable_real_db), "limit": 2}
-    keeper = spawn("hold", duration=30, **base)
-    doomed = spawn("hold", duration=1, **base)
-    waiter = spawn("wait", duration=30, wait=15, **base)
+    keeper = spawn("semaphore_holder", duration=30, **base)
+    doomed = spawn("semaphore_holder", duration=1, **base)
+    waiter = spawn("semaphore_waiter", duration=30, wait=15, **base)
     kept = keeper.expect("HOLDING")
     held = doomed.expect("HOLDING")
     assert kept["taken"] is True and held["taken"] is True
@@ -647,8 +560,8 @@ def test_reader_and_writer_processes(lockable_real_db: Any, spawn: Children,
                                      tmp_path: Path) -> None:
     stop = tmp_path / "stop"
     base = {**_base(lockable_real_db), "duration": 60, "stop": str(stop)}
-    readers = [spawn("rw", mode="read", wait=60, hold=[0.05, 0.15], **base) for _ in range(3)]
-    writer = spawn("rw", mode="write", wait=30, hold=[0.05, 0.1], rounds=4, pause=0.3,
+    readers = [spawn("rw_cycle", mode="read", wait=60, hold=[0.05, 0.15], **base) for _ in range(3)]
+    writer = spawn("rw_cycle", mode="write", wait=30, hold=[0.05, 0.1], rounds=4, pause=0.3,
                    delay=0.7, **base)
     everyone = [*readers, writer]
     for child in everyone:
@@ -672,11 +585,3 @@ def test_reader_and_writer_processes(lockable_real_db: Any, spawn: Children,
         assert not overlapping, (w, overlapping[:3])
     assert_fences_follow_grants([*reads, *writes])
 
-
-if __name__ == "__main__":
-    run_worker(
-        sys.argv[1:],
-        {"cycle": child_cycle, "hold": child_hold, "wait": child_wait, "rw": child_rw},
-        watchdog=280,
-        connected=True,
-    )

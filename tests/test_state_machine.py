@@ -41,21 +41,12 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from mongoengine import Document, IntField, StringField
 
 import mongoengine_lockable._io as lease_module
-from mongoengine_lockable import LockableMixin, LockNotOwnedError, NamedLock
+from mongoengine_lockable import LockNotOwnedError, NamedLock
 from mongoengine_lockable._named import DEFAULT_COLLECTION
 
-
-class Counter(LockableMixin, Document):
-    """The one document every client of a run works on."""
-
-    name = StringField()
-    counter = IntField(default=0)
-
-    meta = {"collection": "test_state_machine"}
-
+from models import Counter
 
 #: The clients: (name, explicit owner or None). Two instances share "alice",
 #: so that ``owner=`` acts on a lease another instance acquired, and a fence

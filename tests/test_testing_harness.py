@@ -27,6 +27,8 @@ from mongoengine_lockable.testing import (
     plugin,
 )
 
+from models import HARNESS_USER_ALIAS, AliasDoc, HarnessDoc
+
 MAJORITY = WriteConcern("majority", wtimeout=10_000)
 
 
@@ -188,10 +190,6 @@ def test_fixture_server_has_change_streams(client: MongoClient[dict[str, object]
 
 
 # -- the database fixtures ----------------------------------------------------------
-
-
-class HarnessDoc(mongoengine.Document):
-    name = mongoengine.StringField()
 
 
 def test_lockable_real_db(lockable_real_db: LockableDB, client: MongoClient[dict[str, object]]):
@@ -422,14 +420,10 @@ def test_plugin_sets_the_users_connection_aside_and_restores_it(
 
 
 def test_set_aside_in_process_keeps_the_client_open(lockable_mongod_uri: str):
-    alias = f"harness_user_{os.getpid()}"
+    alias = HARNESS_USER_ALIAS
     user_client = mongoengine.connect(
         "harness_user_db", host=lockable_mongod_uri, alias=alias, uuidRepresentation="standard"
     )
-
-    class AliasDoc(mongoengine.Document):
-        meta = {"db_alias": alias, "collection": "alias_doc"}
-
     try:
         AliasDoc().save()  # caches the user's collection on the class
         fixture = plugin._connected(

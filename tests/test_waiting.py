@@ -10,18 +10,15 @@
   to wake it.
 - ``wait=None``, and waiting from threads (polling on mongomock).
 
-This file is also the worker script of its process tests: run as
-``python tests/test_waiting.py COMMAND JSON`` it connects MongoEngine itself,
-then talks to the parent in lines on its standard streams (``WORD {json}``;
-the protocol and the parent's side: ``tests/_children.py``).
-Time bounds are generous: they separate "woken by the release" (milliseconds)
-from "slept until the lease ran out" (seconds), nothing finer.
+The processes are ``lease_holder`` and ``lease_waiter`` workers
+(``tests/workers.py``). Time bounds are generous: they separate "woken by the
+release" (milliseconds) from "slept until the lease ran out" (seconds),
+nothing finer.
 """
 
 from __future__ import annotations
 
 import random
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,24 +26,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-import mongoengine
 import pytest
 from bson import ObjectId
 
-from mongoengine_lockable import LockableMixin, NamedLock
+from mongoengine_lockable import NamedLock
 from mongoengine_lockable._io import client_now
 from mongoengine_lockable._waiting import BASE_DELAY, MAX_DELAY, backoff
 
-from _children import Child, Children, hear, ready_then_wait_for_go, run_worker, say
-
-
-class WaitJob(LockableMixin, mongoengine.Document):
-    """The document the processes of this file wait for."""
-
-    value = mongoengine.IntField(default=0)
-
-    meta = {"collection": "test_wait_jobs"}
-
+from _children import Child, Children
+from models import WaitJob
 
 # -- backoff ------------------------------------------------------------------------
 
@@ -82,49 +70,13 @@ def test_backoff_jitter_stays_in_the_upper_half() -> None:
         assert max(draws) - min(draws) > ceiling / 3
 
 
-# -- processes: the worker side ---------------------------------------------------------
-
-
-def _lockable(args: dict[str, Any]) -> tuple[Callable[..., bool], Callable[[], None]]:
-    """``(take(wait) -> bool, release())`` for the document or the named lock."""
-    if args["kind"] == "document":
-        doc = WaitJob.objects.get(pk=ObjectId(args["pk"]))
-        return (lambda wait: doc.lock(args["duration"], wait=wait)), doc.release
-    lock = NamedLock(args["name"], duration=args["duration"])
-    return (lambda wait: lock.acquire(wait=wait)), lock.release
-
-
-def child_hold(args: dict[str, Any]) -> None:
-    """Take the lease, say ``HOLDING``; on ``RELEASE`` release it, saying
-    when the release was issued; then block until killed or EOF."""
-    take, release = _lockable(args)
-    before = time.time()
-    taken = take(0)
-    say("HOLDING", taken=taken, before=before)
-    if hear() == "RELEASE":
-        issued = time.time()
-        release()
-        say("RELEASED", issued=issued)
-    hear()
-
-
-def child_wait(args: dict[str, Any]) -> None:
-    """On ``GO``, say ``WAITING`` and wait for the lease; report when it came."""
-    take, _ = _lockable(args)
-    ready_then_wait_for_go()
-    started = time.time()
-    say("WAITING", started=started)
-    taken = take(args["wait"])
-    say("RESULT", taken=taken, started=started, ended=time.time())
-
-
-# -- processes: the parent side ------------------------------------------------------------
+# -- processes -----------------------------------------------------------------------------------
 
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Children]:
-    """This file's worker commands as child processes (see ``_children``)."""
-    with Children(tmp_path, __file__) as children:
+    """Worker processes (see ``_children``)."""
+    with Children(tmp_path) as children:
         yield children
 
 
@@ -144,8 +96,8 @@ def test_waiter_process_gets_the_lease_promptly_after_a_release(
     lockable_real_db: Any, spawn: Callable[..., Child], kind: str
 ) -> None:
     target = _target(kind, lockable_real_db)
-    holder = spawn("hold", duration=5, **target)
-    waiter = spawn("wait", duration=5, wait=10, **target)
+    holder = spawn("lease_holder", duration=5, **target)
+    waiter = spawn("lease_waiter", duration=5, wait=10, **target)
     assert holder.expect("HOLDING")["taken"] is True
     waiter.expect("READY")
     waiter.send("GO")
@@ -168,8 +120,8 @@ def test_waiter_process_gets_the_lease_when_a_killed_holders_lease_expires(
     lockable_real_db: Any, spawn: Callable[..., Child], kind: str
 ) -> None:
     target = _target(kind, lockable_real_db)
-    holder = spawn("hold", duration=1, **target)
-    waiter = spawn("wait", duration=5, wait=10, **target)
+    holder = spawn("lease_holder", duration=1, **target)
+    waiter = spawn("lease_waiter", duration=5, wait=10, **target)
     held = holder.expect("HOLDING")
     assert held["taken"] is True
     waiter.expect("READY")
@@ -257,12 +209,6 @@ def test_waiting_threads_each_get_the_lease_in_turn(lockable_db: Any) -> None:
     assert not errors, errors
     assert coll.find_one({"_id": doc.pk})["value"] == threads_count * rounds
     assert sorted(fences) == list(range(1, threads_count * rounds + 1))
-
-
-if __name__ == "__main__":
-    run_worker(
-        sys.argv[1:], {"hold": child_hold, "wait": child_wait}, watchdog=120, connected=True
-    )
 
 
 # -- a waiter never sleeps to a stale expiry ------------------------------------------------

@@ -11,17 +11,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from mongoengine import Document, IntField
-
-from mongoengine_lockable import LockableMixin, NamedLock
+from mongoengine_lockable import NamedLock
 from mongoengine_lockable._engine import Modify
 from mongoengine_lockable._mixin import KIND, executor_of
 from mongoengine_lockable._rules import Ask, NamedKind, combine
 
-
-class Watched(LockableMixin, Document):
-    n = IntField(default=0)
-    meta = {"collection": "waker_events"}
+from models import Watched
 
 
 def stream_for(collection: Any, key: Any, kind: Any, ticket: str) -> Any:

@@ -9,16 +9,13 @@ claim it. Then the readings of API.md on both backends (mongomock and the real
 server), and bad arguments rejected before any database call, with nothing
 written.
 
-This file is also the worker script of the process tests: run as
-``python tests/test_worker_claims.py COMMAND JSON`` it connects MongoEngine
-itself and talks to the test in ``WORD {json}`` lines (``tests/_children.py``).
+The processes are ``claim_*`` workers (``tests/workers.py``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -29,32 +26,17 @@ from typing import Any, Callable
 import mongoengine
 import mongomock
 import pytest
-from mongoengine import Document
-from mongoengine.fields import IntField, StringField
 from pymongo import monitoring
 
-from mongoengine_lockable import LockableMixin, LockNotOwnedError, signals
+from mongoengine_lockable import LockNotOwnedError
 
-from _children import Child, Children, ready_then_wait_for_go, run_worker, say
+from _children import Child, Children
+from models import CLAIM_ARGS_ALIAS, ArgTask, ClaimTask
+from workers import CLAIMS_DRAIN_TIMEOUT, CLAIMS_HANDLED
 
-
-class ClaimTask(LockableMixin, Document):
-    """A queue entry: pending until one worker has handled it."""
-
-    n = IntField(required=True)
-    status = StringField(default="pending")
-    handled_by = StringField()
-
-    meta = {"collection": "claim_tasks", "indexes": [("status", "locked_until")]}
-
-
-#: Where each handling is recorded, one document per handling (a separate
-#: collection, so that a second handling cannot overwrite the first).
-HANDLED = "claim_handled"
-
-#: Hang guards: a worker's start, and the whole drain, on a loaded machine.
+#: Hang guard: a worker's start, on a loaded machine (the whole drain's is
+#: CLAIMS_DRAIN_TIMEOUT).
 START_TIMEOUT = 60.0
-DRAIN_TIMEOUT = 240.0
 
 
 def raw_tasks() -> Any:
@@ -66,74 +48,14 @@ def stored(doc: Any) -> dict[str, Any]:
     return found
 
 
-# -- the workers' side ----------------------------------------------------------------
-
-
-def child_drain_many(args: dict[str, Any]) -> None:
-    """Take batches of ``size`` pending tasks until none is left; record,
-    mark done (fenced) and release each one."""
-    worker = args["worker"]
-    handled = mongoengine.get_db()[HANDLED]
-    ready_then_wait_for_go()
-    count = rounds = 0
-    while True:
-        batch = ClaimTask.objects(status="pending").claim_many(args["size"], 30, owner=worker)
-        if not batch:
-            break
-        rounds += 1
-        for task in batch:
-            handled.insert_one({"task": task.pk, "worker": worker, "fence": task.lock_fence})
-            task.update_if_held(set__status="done", set__handled_by=worker)
-            task.release()
-            count += 1
-    say("DONE", handled=count, rounds=rounds)
-
-
-def child_wait_claim(args: dict[str, Any]) -> None:
-    """Claim a pending task, waiting up to ``wait`` seconds for one."""
-    waited: list[float] = []
-
-    def on_acquired(sender: Any, **kwargs: Any) -> None:
-        waited.append(kwargs["waited"])
-
-    signals.lock_acquired.connect(on_acquired, sender=ClaimTask, weak=False)
-    ClaimTask.objects.first()  # connect and warm up before saying WAITING
-    say("WAITING")
-    task = ClaimTask.objects(status="pending").claim(5, wait=args["wait"])
-    returned = time.time()
-    if task is None:
-        say("NONE", returned=returned)
-        return
-    say("CLAIMED", n=task.n, owner=task.locked_by, fence=task.lock_fence, returned=returned,
-        waited=waited[0])
-    task.release()
-
-
-def child_keep(args: dict[str, Any]) -> None:
-    """Claim the task with a 1 s lease kept alive, work 3 s, then write the
-    result under the lease and release it."""
-    task = ClaimTask.objects(status="pending").claim(1, keepalive=True)
-    if task is None:
-        raise AssertionError("nothing to claim")
-    say("CLAIMED", fence=task.lock_fence, owner=task.locked_by)
-    time.sleep(args["work"])
-    task.update_if_held(set__status="done")  # raises if the lease was lost
-    remaining = task.lease_remaining()
-    task.release()
-    say("DONE", remaining=remaining)
-
-
-COMMANDS = {"drain_many": child_drain_many, "wait_claim": child_wait_claim, "keep": child_keep}
-
-
 # -- processes on the real server ------------------------------------------------------
 
 
 @pytest.fixture
 def spawn(lockable_real_db: Any, tmp_path: Path) -> Iterator[Callable[..., Child]]:
-    """Start this file's worker commands, connected to the test's database."""
+    """Start ``claim_*`` workers, connected to the test's database."""
     db = lockable_real_db
-    with Children(tmp_path, __file__) as children:
+    with Children(tmp_path) as children:
         yield lambda command, **args: children(command, uri=db.uri, db=db.db_name, **args)
 
 
@@ -143,7 +65,7 @@ def test_four_processes_drain_2000_documents_with_claim_many_each_once(
 ) -> None:
     total = 2000
     ClaimTask.objects.insert([ClaimTask(n=n) for n in range(total)], load_bulk=False)
-    workers = [spawn("drain_many", worker=f"w{i}", size=10) for i in range(4)]
+    workers = [spawn("claim_drain_many", worker=f"w{i}", size=10) for i in range(4)]
     for worker in workers:
         worker.expect("READY", timeout=START_TIMEOUT)
     started = time.monotonic()
@@ -151,12 +73,12 @@ def test_four_processes_drain_2000_documents_with_claim_many_each_once(
         worker.go()
     results = {}
     for worker in workers:
-        left = DRAIN_TIMEOUT - (time.monotonic() - started)
+        left = CLAIMS_DRAIN_TIMEOUT - (time.monotonic() - started)
         results[worker.args["worker"]] = worker.expect("DONE", timeout=max(left, 1.0))
     elapsed = time.monotonic() - started
     print(f"drained {total} in {elapsed:.1f} s: {results}")
 
-    handled = list(lockable_real_db.database[HANDLED].find())
+    handled = list(lockable_real_db.database[CLAIMS_HANDLED].find())
     per_task = Counter(h["task"] for h in handled)
     assert [task for task, times in per_task.items() if times > 1] == []
     assert len(per_task) == total
@@ -175,7 +97,7 @@ def test_four_processes_drain_2000_documents_with_claim_many_each_once(
 def test_a_waiting_claim_returns_the_document_another_process_inserts(
     lockable_real_db: Any, spawn: Callable[..., Child]
 ) -> None:
-    waiter = spawn("wait_claim", wait=60)
+    waiter = spawn("claim_wait", wait=60)
     waiter.expect("WAITING", timeout=START_TIMEOUT)
     time.sleep(0.5)  # let it settle into its wait
     # A document outside the queryset's filter does not end the wait...
@@ -199,7 +121,7 @@ def test_keepalive_keeps_a_claimed_1s_lease_through_3s_of_work(
     lockable_real_db: Any, spawn: Callable[..., Child]
 ) -> None:
     task = ClaimTask(n=1).save()
-    worker = spawn("keep", work=3.0)
+    worker = spawn("claim_keepalive", work=3.0)
     holder = worker.expect("CLAIMED", timeout=START_TIMEOUT)
     assert holder["fence"] == 1
     untils = set()
@@ -375,19 +297,7 @@ def test_release_all_releases_the_unexpired_leases_of_one_owner(lockable_db: Any
         batch[0].update_if_held(set__status="done")
 
 
-
 # -- bad arguments: rejected before any database call, nothing written ------------------
-
-#: The connection alias of :class:`ArgTask`, connected by :func:`silent_db`
-#: through a client of its own.
-ARGS_ALIAS = "lockable-claim-args"
-
-
-class ArgTask(LockableMixin, Document):
-    n = IntField()
-    status = StringField(default="pending")
-
-    meta = {"collection": "claim_arg_tasks", "db_alias": ARGS_ALIAS}
 
 
 class Commands(monitoring.CommandListener):
@@ -429,12 +339,12 @@ def silent_db(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     db_name = f"lockable_claim_args_{os.urandom(6).hex()}"
     commands = Commands()
     if request.param == "mongomock":
-        mongoengine.connect(db=db_name, alias=ARGS_ALIAS, host="mongodb://localhost",
+        mongoengine.connect(db=db_name, alias=CLAIM_ARGS_ALIAS, host="mongodb://localhost",
                             mongo_client_class=mongomock.MongoClient, uuidRepresentation="standard")
     else:
         uri = request.getfixturevalue("lockable_mongod_uri")
-        mongoengine.connect(db=db_name, alias=ARGS_ALIAS, host=uri, event_listeners=[commands],
-                            uuidRepresentation="standard")
+        mongoengine.connect(db=db_name, alias=CLAIM_ARGS_ALIAS, host=uri,
+                            event_listeners=[commands], uuidRepresentation="standard")
 
     @contextmanager
     def nothing_sent() -> Iterator[None]:
@@ -459,8 +369,8 @@ def silent_db(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         ArgTask.ensure_indexes()
         yield nothing_sent
     finally:
-        mongoengine.get_connection(ARGS_ALIAS).drop_database(db_name)
-        mongoengine.disconnect(ARGS_ALIAS)
+        mongoengine.get_connection(CLAIM_ARGS_ALIAS).drop_database(db_name)
+        mongoengine.disconnect(CLAIM_ARGS_ALIAS)
 
 
 def _pending() -> Any:
@@ -515,7 +425,7 @@ def test_bad_arguments_are_rejected_before_any_database_call(
     held = ArgTask(n=1).save()
     assert held.lock(30, owner="w1")
     free = ArgTask(n=2).save()
-    database = mongoengine.get_db(ARGS_ALIAS)
+    database = mongoengine.get_db(CLAIM_ARGS_ALIAS)
     before = list(database["claim_arg_tasks"].find())
     names = database.list_collection_names()
     with silent_db():
@@ -560,6 +470,3 @@ def test_a_count_too_large_to_store_is_a_value_error(lockable_db: Any,
         call()
     assert stored(doc) == before
 
-
-if __name__ == "__main__":
-    run_worker(sys.argv[1:], COMMANDS, watchdog=DRAIN_TIMEOUT + 60, connected=True)
