@@ -15,14 +15,14 @@ from mongoengine.queryset import QuerySet, QuerySetManager, transform
 from pymongo.write_concern import WriteConcern
 
 from . import _args
-from ._document import KIND, document_lease, executor_of
+from ._document import KIND, document_lease
 from ._errors import UnsavedDocumentError
 from ._io import DEFAULT_WRITE_CONCERN
 from ._keepalive import BlockingLease
 from ._queryset import LockableQuerySet
 from ._rules import DOCUMENT_LAYOUT, new_owner
 
-__all__ = ["LockableMixin", "document_lease", "executor_of"]
+__all__ = ["LockableMixin"]
 
 _PROTECTED = KIND.protected()
 

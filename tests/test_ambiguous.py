@@ -21,8 +21,8 @@ from pymongo import ReturnDocument
 from pymongo.errors import AutoReconnect, OperationFailure
 
 from mongoengine_lockable import LockNotOwnedError, NamedLock, NamedSemaphore
+from mongoengine_lockable._document import executor_of
 from mongoengine_lockable._engine import is_ambiguous
-from mongoengine_lockable._mixin import executor_of
 from mongoengine_lockable._rules import RESULT_PROJECTION
 
 from models import Ticket

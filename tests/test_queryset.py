@@ -459,7 +459,7 @@ def test_claim_honours_collation(lockable_real_db):
 
 
 def test_claim_honours_hint(lockable_real_db, monkeypatch):
-    from mongoengine_lockable._mixin import executor_of
+    from mongoengine_lockable._document import executor_of
 
     Job.ensure_indexes()
     Job(payload="x", status="pending").save()

@@ -12,8 +12,8 @@ import time
 from typing import Any
 
 from mongoengine_lockable import NamedLock
+from mongoengine_lockable._document import KIND, executor_of
 from mongoengine_lockable._engine import Modify
-from mongoengine_lockable._mixin import KIND, executor_of
 from mongoengine_lockable._rules import Ask, NamedKind, combine
 
 from models import Watched
@@ -114,7 +114,7 @@ def test_a_free_record_shows_no_time_left(lockable_db: Any) -> None:
     handle_view = doc.is_locked()
     assert handle_view is False
     assert doc.lock(0.5)
-    from mongoengine_lockable._mixin import document_lease
+    from mongoengine_lockable._document import document_lease
 
     view = document_lease(doc).look()
     assert view.held and 0 < view.time_left <= 0.5
