@@ -475,15 +475,25 @@ class AsyncLease(LeaseHandle):
 
 
 async def _keep(ref: weakref.ref[AsyncLease], forever: bool) -> None:
-    """The keepalive task: one :meth:`Lease.keep` step at each delay it gives."""
+    """The keepalive task: one :meth:`Lease.keep` step at each delay it gives.
+
+    It stops when its handle no longer names it as its keeper, not only when
+    cancelled: a cancellation that arrives as a driver call completes can be
+    lost on the way (``asyncio.wait_for`` before Python 3.12 returns the
+    result and drops it), and the task would then renew a released lease.
+    """
+    me = asyncio.current_task()
     delay = LeaseHandle.first_delay(ref)
     while delay is not None:
         await asyncio.sleep(delay)
         handle = ref()
-        if handle is None:
-            return  # forgotten: its lease expires
+        if handle is None or handle._keeper is not me:
+            return  # forgotten (its lease expires), or stopped
         try:
-            delay = handle.kept(await arun(handle.lease.keep(), handle.io), forever)
+            kept = await arun(handle.lease.keep(), handle.io)
+            if handle._keeper is not me:
+                return  # stopped while renewing
+            delay = handle.kept(kept, forever)
         except Exception:  # pragma: no cover - keep() handles database errors
             log.exception("keepalive of %s failed", handle.lease.what)
             return

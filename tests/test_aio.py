@@ -732,3 +732,39 @@ def test_bad_arguments_are_rejected_before_any_io(
 async def _coroutine_function(day: str) -> None:  # pragma: no cover - never awaited
     pass
 
+
+
+@needs_aio
+def test_release_stops_a_keepalive_whose_cancellation_was_lost(
+        lockable_real_db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancellation that arrives as a driver call completes can be dropped
+    on the way (``asyncio.wait_for`` before Python 3.12 returns the result
+    instead); ``release()`` still stops the keepalive task instead of
+    waiting on it while it renews forever."""
+    renewing = asyncio.Event()
+    original = _aio._ainvoke
+
+    async def slowly(call: Any) -> Any:
+        await asyncio.sleep(0.1)  # the release cancels the renewing task meanwhile
+        return await original(call)
+
+    async def loses_cancellations(call: Any) -> Any:
+        inner = asyncio.ensure_future(slowly(call))
+        renewing.set()
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            return await inner  # the result comes back, the cancellation is lost
+
+    async def main() -> None:
+        lock = AsyncNamedLock("lost-cancel", 0.6, keepalive=True)
+        assert await lock.acquire()
+        monkeypatch.setattr(_aio, "_ainvoke", loses_cancellations)
+        renewing.clear()
+        await asyncio.wait_for(renewing.wait(), 5)  # a renewal is under way
+        await asyncio.wait_for(lock.release(), 5)
+        assert lock._handle._keeper is None  # type: ignore[union-attr]
+        await asyncio.sleep(1.0)  # longer than the lease: nobody renewed it
+        assert NamedLock.owner_of("lost-cancel") is None
+
+    run(main(), timeout=30)
