@@ -265,6 +265,9 @@ class Held:
     announced: bool = False
     #: A hand-off for a short term: to be renewed to ``ms`` at once.
     confirm: bool = False
+    #: Granted by the caller's own write with nobody queued: its release
+    #: tries the kind's quiet form first (see ``Kind.quiet_release``).
+    quiet: bool = False
 
 
 class Lease:
@@ -400,8 +403,10 @@ class Lease:
             started = sent = self.clock()
             command = self.kind.acquire(ask, "force" if force else "try")
             try:
+                # Without the server's time: a grant shows it (see
+                # Kind.grant_time), and only a refusal needs it.
                 result: Result = yield self._modify(command.filter, command.update,
-                                                    upsert=command.upsert)
+                                                    upsert=command.upsert, clock=False)
             except DuplicateKeyError:
                 # Two first acquisitions raced to create the record; the other won.
                 result = Result({}, None)
@@ -419,12 +424,28 @@ class Lease:
                 # the lease, should the write have granted it.
                 yield from self._abandon(ask)
                 raise
+            if result.now is None:
+                now = self.kind.grant_time(result.doc, ask)
+                result = Result(result.doc, now) if now is not None else (
+                    yield from self._look_refused(result))
             view = self._check(self.kind.view(result.doc, result.now, ask.ticket))
             if view.mine:
                 return self.adopt(result, ask, (sent, result.now), self.clock() - started,
                                   view=view)
             return self._refuse(view, self.clock() - started)
         return (yield from self._wait_in_queue(ask, wait))
+
+    def _look_refused(self, refused: Result) -> Steps[Result]:
+        """The record with the server's time, after a direct acquisition that
+        ``refused`` answered without it (not granted): what the refusal
+        reports (holder, time left, waiters). Should the read fail, the
+        refusing record without a time."""
+        try:
+            result: Result = yield Read(self.match)
+        except PyMongoError as exc:
+            log.debug("could not read %s after a refusal: %s", self.what, exc)
+            return refused
+        return result
 
     def _read_back(self, exc: PyMongoError, identity: Filter) -> Steps[Result]:
         log.warning("outcome of a lease change unknown (%s); reading it back", exc)
@@ -484,7 +505,8 @@ class Lease:
                         # Seen in the event: the hand-off's server time is no
                         # earlier than that of the last answered attempt.
                         seen_at = last or (self.clock(), seen.now)
-                        return self.adopt(result, ask, seen_at, waiting.waited())
+                        return self.adopt(result, ask, seen_at, waiting.waited(),
+                                          handed=True)
         except GeneratorExit:
             raise
         except BaseException:
@@ -523,7 +545,7 @@ class Lease:
 
     def adopt(
         self, result: Result, ask: Ask, seen: tuple[float, datetime | None], waited: float,
-        *, view: View | None = None,
+        *, view: View | None = None, handed: bool = False,
     ) -> Result:
         """Record a grant (from :meth:`acquire`, or a claim that picked this
         record) and announce it.
@@ -557,6 +579,8 @@ class Lease:
             # Handed over by another's write: granted for a short while only,
             # until this holder confirms it (see PICKUP_MS).
             confirm=ask.ms > PICKUP_MS >= granted,
+            # Handed over by another's write: others are contending for it.
+            quiet=not handed and view.queued == 0,
         )
         self.had_lease = True
         self.fence = self.held.fence
@@ -582,13 +606,22 @@ class Lease:
         """
         holding, own = self._holding(owner, "release")
         stamp = new_ticket()
-        command = self.kind.release(holding, stamp)
+        quiet = self.kind.quiet_release(holding, stamp) if own is not None and own.quiet else None
         try:
-            result: Result = yield self._modify(command.filter, command.update, clock=False)
+            result: Result | None = None
+            if quiet is not None:
+                result = yield self._modify(quiet.filter, quiet.update, clock=False)
+            if result is None or result.doc is None:
+                # Someone queued meanwhile (or the lease is not held): the
+                # release that hands over decides.
+                command = self.kind.release(holding, stamp)
+                result = yield self._modify(command.filter, command.update, clock=False)
         except PyMongoError as exc:
             if not is_ambiguous(exc):
                 raise
-            result = yield from self._resolve_release(exc, command, stamp)
+            # The full release decides whatever the record shows now.
+            result = yield from self._resolve_release(
+                exc, self.kind.release(holding, stamp), stamp)
         if own is not None:
             self.held = None
         if result.doc is None:

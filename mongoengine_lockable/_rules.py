@@ -418,6 +418,16 @@ class Kind:
         """Filter (read back): the write with ``stamp`` was the last one."""
         return {self.layout.stamp: stamp}
 
+    def grant_time(self, doc: Mapping[str, Any] | None, ask: Ask) -> datetime | None:
+        """The server's time of the write that returned ``doc``, when ``doc``
+        shows the direct grant to ``ask`` (``try`` or ``force``) that this
+        write made: the grant set its end to that time + ``ask.ms``. ``None``
+        when ``doc`` shows no such grant (refused)."""
+        if doc is None or doc.get(self.layout.token) != ask.ticket:
+            return None
+        until = doc.get(self.layout.until)
+        return until - timedelta(milliseconds=ask.ms) if isinstance(until, datetime) else None
+
     def granted_event(self, ticket: str) -> Filter:
         """Change-stream filter: a write granted the lease to ``ticket`` (or the
         record was deleted, after which the waiter must look again)."""
@@ -568,6 +578,20 @@ class Kind:
         and the waiter's ticket), or is left released; ``stamp`` marks the write.
         """
         return Command(self.holds(holding), self._end(stamp))
+
+    def quiet_release(self, holding: Holding, stamp: str) -> Command | None:
+        """:meth:`release` of a record where nobody is queued: the released
+        fields alone, a much smaller update for the server to run (``None``
+        for kinds without one). A caller that sees it match nothing sends
+        :meth:`release`, which decides in every case.
+
+        Filter: as :meth:`release`, and no queue at all (not even expired
+        entries, which :meth:`release` clears). Update: the fields of a lease
+        left released (:meth:`_released`), and ``stamp``.
+        """
+        lay = self.layout
+        return Command(combine(self.holds(holding), {lay.waiters: {"$exists": False}}),
+                       [{"$set": {**self._released(), lay.stamp: _lit(stamp)}}])
 
     def _end(self, stamp: str) -> Pipeline:
         return self._settle(_live(_f(self.layout.waiters)), stamp=stamp)
@@ -1058,6 +1082,17 @@ class SharedKind(Kind):
         """Filter (read back): the grant with ``ticket`` is a live holder."""
         return self.holds(Holding("", ticket))
 
+    def grant_time(self, doc: Mapping[str, Any] | None, ask: Ask) -> datetime | None:
+        """As :meth:`Kind.grant_time`: the admission time (``at``) of the
+        holder entry of ``ask``'s ticket."""
+        if doc is None:
+            return None
+        for holder in doc.get(self.layout.owner) or []:
+            if isinstance(holder, Mapping) and holder.get("t") == ask.ticket:
+                at = holder.get("at")
+                return at if isinstance(at, datetime) else None
+        return None
+
     def granted_event(self, ticket: str) -> Filter:
         """Change-stream filter: a write admitted ``ticket`` (its ``granted``
         names it), or the record was deleted."""
@@ -1100,6 +1135,10 @@ class SharedKind(Kind):
         return Command({}, self._admit(self._holders(), queue, only_if_admitted=True,
                                        caller=ask.ticket),
                        self.upsert)
+
+    def quiet_release(self, holding: Holding, stamp: str) -> Command | None:
+        """None: a share's release always goes through :meth:`_admit`."""
+        return None
 
     def release(self, holding: Holding, stamp: str) -> Command:
         """End the caller's share now, admitting waiters that now fit.

@@ -13,6 +13,8 @@ from datetime import datetime
 import pytest
 from mongoengine.context_managers import switch_db
 
+from mongoengine_lockable import LockUnavailableError
+
 from models import CommandRecorder, Job, TenantJob, W1Job, recorded_alias
 
 ALIAS = "lockable-recorded"
@@ -182,12 +184,41 @@ def test_unlocked_and_locked_querysets_use_the_server_clock(RJob, recorder):
 
 def test_failed_lock_writes_nothing_else(RJob, recorder):
     job = saved(RJob, recorder, payload="x")
-    assert RJob.objects.get(pk=job.pk).lock(30) is True
+    holder = RJob.objects.get(pk=job.pk)
+    assert holder.lock(30) is True
     recorder.clear()
     assert job.lock(30) is False
-    names = recorder.names
-    assert names.count("findAndModify") == 1, recorder.commands
-    assert names == ["findAndModify"], recorder.commands
+    # The refused write, then one read of the record with the server's time
+    # (a grant carries that time in itself, a refusal does not).
+    assert recorder.names == ["findAndModify", "find"], recorder.commands
+    assert_server_clock(recorder.commands[1], "projection")
+    with pytest.raises(LockUnavailableError, match=repr(holder.locked_by)):
+        with job.locked(30):
+            pass
+
+
+def test_release_with_a_waiter_queued_meanwhile_hands_over(RJob, recorder):
+    """A release whose grant saw nobody queued tries the small update first;
+    a waiter queued since makes it match nothing, and the full release
+    hands the lease over."""
+    job = saved(RJob, recorder, payload="x")
+    assert job.lock(30) is True
+    waiter = RJob.objects.get(pk=job.pk)
+    assert waiter.lock(30, wait=0.05) is False  # queued, then left at its timeout
+    recorder.clear()
+    job.release()
+    assert recorder.names == ["findAndModify"], recorder.commands
+    quiet = recorder.commands[0]
+    assert quiet["query"]["lock_waiters"] == {"$exists": False}
+    assert "$replaceWith" not in repr(quiet["update"])
+    assert job.lock(30) is True
+    RJob._get_collection().update_one({"_id": job.pk}, {"$set": {"lock_waiters": [
+        {"t": "w" * 24, "o": "someone", "ms": 30000, "a": datetime(2100, 1, 1)}]}})
+    recorder.clear()
+    job.release()
+    assert recorder.names == ["findAndModify", "findAndModify"], recorder.commands
+    assert "$replaceWith" in repr(recorder.commands[1]["update"])
+    assert RJob.objects.get(pk=job.pk).locked_by == "someone"
 
 
 def test_lock_write_concern_of_the_class(recorder):

@@ -188,6 +188,32 @@ def test_a_release_hands_the_lease_to_the_first_waiter_in_the_same_write() -> No
     assert short["locked_until"] == NOW + timedelta(milliseconds=300)
 
 
+def test_a_grant_tells_the_server_time_of_its_write() -> None:
+    mine = ask(ms=5000)
+    assert DOC.grant_time(apply({"_id": "x"}, DOC.acquire(mine, "try")), mine) == NOW
+    assert NAMED.grant_time(apply(None, NAMED.acquire(mine, "force")), mine) == NOW
+    assert DOC.grant_time(held(), mine) is None  # refused: another grant shows
+    assert DOC.grant_time(None, mine) is None
+
+
+@pytest.mark.parametrize("kind, record", [
+    (DOC, held), (NAMED, lambda **f: named_record(**f)),
+    (NamedKind(min_hold_ms=5000), lambda **f: named_record(**f)),
+], ids=["document", "named", "named-min-hold"])
+def test_a_quiet_release_writes_what_the_release_writes_when_nobody_is_queued(
+    kind: Any, record: Any
+) -> None:
+    quiet = kind.quiet_release(Holding("holder", "th"), "r1")
+    assert quiet is not None and "$replaceWith" not in repr(quiet.update)
+    assert apply(record(), quiet) == apply(record(), kind.release(Holding("holder", "th"), "r1"))
+    # Anyone queued, live or not: it matches nothing (the release decides).
+    for entry in (waiter("w1"), waiter("w1", alive=EARLIER)):
+        assert apply(record(**{kind.layout.waiters: [entry]}), quiet) is None
+    # Not the caller's lease, or expired: nothing.
+    assert apply(record(), kind.quiet_release(Holding("holder", "other"), "r1")) is None
+    assert apply(record(locked_until=EARLIER), quiet) is None
+
+
 @pytest.mark.parametrize("holding", [Holding("holder", "other"), Holding("someone")])
 def test_a_release_of_another_acquisition_matches_nothing(holding: Holding) -> None:
     assert apply(held(), DOC.release(holding, "r1")) is None
@@ -353,6 +379,9 @@ def _scenarios(now: datetime) -> list[rulecheck.Scenario]:
         ("release: hand-off", doc(live, [w("w1"), w("w2")]),
          DOC.release(Holding("holder", "th"), "r2")),
         ("release: by owner", doc(live), DOC.release(Holding("holder"), "r3")),
+        ("quiet release", doc(live), DOC.quiet_release(Holding("holder", "th"), "q1")),
+        ("quiet release: a dead waiter", doc(live, [w("w1", dead)]),
+         DOC.quiet_release(Holding("holder", "th"), "q2")),
         ("release: not mine", doc(live), DOC.release(Holding("holder", "nope"), "r4")),
         ("clear expired", doc(dead), DOC.clear_expired(Holding("holder", "th"), "r5")),
         ("renew", doc(live), DOC.renew(Holding("holder", "th"), 90_000)),
@@ -367,6 +396,9 @@ def _scenarios(now: datetime) -> list[rulecheck.Scenario]:
         ("named: minimum hold", named(live, [w("w1")], acquired=now),
          hold.release(Holding("holder", "th"), "r9")),
         ("named: queue", named(live), NAMED.acquire(me, "queue")),
+        ("named: quiet release", named(live), NAMED.quiet_release(Holding("holder", "th"), "q3")),
+        ("named: quiet release, minimum hold", named(live, acquired=now),
+         hold.quiet_release(Holding("holder", "th"), "q4")),
     ]
 
 

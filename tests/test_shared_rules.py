@@ -102,6 +102,10 @@ def test_first_grant_creates_the_record_with_a_fence_from_the_clock() -> None:
     view = SEM.view(doc, NOW, "t1")
     assert view.mine and view.held and view.fence == NOW_MS and view.holder == "a"
     assert view.until == NOW + timedelta(seconds=5) and view.time_left == 5.0
+    # The grant tells the server's time of its write; another ticket's does not.
+    assert SEM.grant_time(doc, Ask("a", "t1", 5000)) == NOW
+    assert SEM.grant_time(doc, Ask("a", "t2", 5000)) is None
+    assert SEM.quiet_release(Holding("a", "t1"), "r1") is None  # always the full release
 
 
 def test_try_admits_up_to_the_limit_and_a_refusal_writes_nothing() -> None:
