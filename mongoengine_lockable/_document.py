@@ -4,8 +4,11 @@ claims (:mod:`._queryset`)."""
 
 from __future__ import annotations
 
+import uuid
 import weakref
 from typing import Any
+
+from bson import ObjectId
 
 from ._engine import Lease, Result
 from ._io import SyncIO, checked_write_concern, executor_for
@@ -15,6 +18,9 @@ from ._rules import DocumentKind
 __all__ = ["KIND", "document_lease", "executor_of"]
 
 KIND = DocumentKind()
+#: Primary keys that cannot change in place: a handle made for one still
+#: names its record while the document keeps that very object.
+_IMMUTABLE_KEYS = frozenset({ObjectId, str, int, bytes, uuid.UUID})
 
 
 def executor_of(doc_cls: Any, collection: Any | None = None) -> SyncIO:
@@ -43,7 +49,12 @@ def document_lease(doc: Any) -> BlockingLease:
     garbage-collected, and its keepalive then stops.
     """
     handle: BlockingLease | None = doc.__dict__.get("_lockable_handle")
+    pk = doc.pk
+    if handle is not None and pk is doc.__dict__.get("_lockable_pk") \
+            and type(pk) in _IMMUTABLE_KEYS and not doc._meta.get("shard_key"):
+        return handle  # the same (immutable) primary key object: the same record
     match = doc._lease_match()
+    doc.__dict__["_lockable_pk"] = pk
     if handle is None or handle.lease.match != match:
         cls = type(doc)
         ref = weakref.ref(doc)

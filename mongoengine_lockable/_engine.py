@@ -331,8 +331,11 @@ class Lease:
         return Modify(combine(self.match, command_filter), update, **options)
 
     def _send(self, name: str, **extra: Any) -> None:
+        signal = getattr(signals, name)
+        if not signal.receivers:
+            return  # nobody listens: not even the subject is needed
         sender, subject = self._hooks.subject()
-        getattr(signals, name).send(sender, **subject, **extra)
+        signal.send(sender, **subject, **extra)
 
     def _stored(self, result: Result, whole: bool) -> None:
         if self._hooks.on_stored is not None:

@@ -234,6 +234,8 @@ class LockableMixin:
             self._data[name] = self._fields[name].to_python(raw.get(name))
 
     def _refuse_unsaved_changes(self, what: str) -> None:
+        if not self._changed_fields:
+            return
         changed = sorted({str(f).split(".")[0] for f in self._changed_fields or ()})
         if changed:
             raise ValueError(

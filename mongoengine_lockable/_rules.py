@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -101,7 +100,7 @@ def combine(*parts: Mapping[str, Any]) -> Filter:
     """AND filters together, flat when their keys do not collide."""
     merged: Filter = {}
     for part in parts:
-        if merged.keys() & part.keys():
+        if not merged.keys().isdisjoint(part):
             return {"$and": [dict(p) for p in parts if p]}
         merged.update(part)
     return merged
@@ -115,7 +114,7 @@ _HOST = socket.gethostname()
 def new_owner() -> str:
     """A fresh owner token: host, pid and 48 random bits, so that an operator
     can tell where a lease came from."""
-    return f"{_HOST}:{os.getpid()}:{secrets.token_hex(6)}"
+    return f"{_HOST}:{os.getpid()}:{os.urandom(6).hex()}"
 
 
 def parse_owner(owner: object) -> tuple[str, int] | None:
@@ -133,7 +132,7 @@ def parse_owner(owner: object) -> tuple[str, int] | None:
 
 def new_ticket() -> str:
     """A fresh ticket: the identity of one attempt or one write."""
-    return secrets.token_hex(12)
+    return os.urandom(12).hex()
 
 
 def host_and_pid() -> dict[str, Any]:

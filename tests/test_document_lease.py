@@ -273,6 +273,19 @@ def test_release_frees_the_document_at_once(job):
     assert fresh(job).lock(30) is True
 
 
+def test_an_instance_given_another_primary_key_locks_that_document(job):
+    other = Job(payload="other").save()
+    assert job.lock(30) is True
+    job.release()
+    job.pk = other.pk  # the same instance, now naming another record
+    job.reload()
+    assert job.lock(30) is True
+    assert raw(other)["locked_until"] is not None
+    assert Job.objects.get(pk=other.pk).is_locked()
+    job.release()
+    assert not Job.objects.get(pk=other.pk).is_locked()
+
+
 def test_release_twice_raises(job):
     assert job.lock(30) is True
     job.release()

@@ -207,8 +207,10 @@ def test_release_with_a_waiter_queued_meanwhile_hands_over(RJob, recorder):
     assert waiter.lock(30, wait=0.05) is False  # queued, then left at its timeout
     recorder.clear()
     job.release()
-    assert recorder.names == ["findAndModify"], recorder.commands
-    quiet = recorder.commands[0]
+    # (The waiter's change stream may be closed meanwhile: killCursors.)
+    writes = [c for c in recorder.commands if "findAndModify" in c]
+    assert len(writes) == 1, recorder.commands
+    quiet = writes[0]
     assert quiet["query"]["lock_waiters"] == {"$exists": False}
     assert "$replaceWith" not in repr(quiet["update"])
     assert job.lock(30) is True
@@ -216,8 +218,9 @@ def test_release_with_a_waiter_queued_meanwhile_hands_over(RJob, recorder):
         {"t": "w" * 24, "o": "someone", "ms": 30000, "a": datetime(2100, 1, 1)}]}})
     recorder.clear()
     job.release()
-    assert recorder.names == ["findAndModify", "findAndModify"], recorder.commands
-    assert "$replaceWith" in repr(recorder.commands[1]["update"])
+    writes = [c for c in recorder.commands if "findAndModify" in c]
+    assert len(writes) == 2, recorder.commands
+    assert "$replaceWith" in repr(writes[1]["update"])
     assert RJob.objects.get(pk=job.pk).locked_by == "someone"
 
 
