@@ -170,6 +170,9 @@ class Watch:
     change streams (the caller polls)."""
 
     match: Filter
+    #: The stream outlives this run: the executor does not close it when the
+    #: run ends (the handle keeps it for its next wait, see :attr:`Lease.streams`).
+    kept: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,13 +202,16 @@ class Waiting:
     """What a waiter blocks on between attempts: a change stream opened on
     first use, else polling with :func:`backoff`; and its deadline."""
 
-    def __init__(self, wait: float | None, clock: Callable[[], float], match: Filter) -> None:
+    def __init__(self, wait: float | None, clock: Callable[[], float], match: Filter,
+                 waker: Any = None, *, keep: bool = False) -> None:
         self.clock = clock
         self.started = clock()
         self.deadline = None if wait is None else self.started + wait
         self._match = match
-        self._waker: Any = None
-        self._opened = False
+        #: The stream, once opened (or ``waker``: one kept open from an earlier wait).
+        self.waker: Any = waker
+        self._opened = waker is not None
+        self._keep = keep
         self._polls = 0
 
     def waited(self) -> float:
@@ -224,13 +230,13 @@ class Waiting:
         seconds = max(bound, 0.0) if left is None else max(min(bound, left), 0.0)
         if not self._opened:
             self._opened = True
-            self._waker = yield Watch(self._match)
-        if self._waker is None:
+            self.waker = yield Watch(self._match, kept=self._keep)
+        if self.waker is None:
             seconds = min(seconds, backoff(self._polls))
             self._polls += 1
             yield Sleep(seconds)
             return None
-        event: dict[str, Any] | None = yield Pause(self._waker, seconds)
+        event: dict[str, Any] | None = yield Pause(self.waker, seconds)
         return event
 
 
@@ -265,7 +271,7 @@ class Held:
     announced: bool = False
     #: A hand-off for a short term: to be renewed to ``ms`` at once.
     confirm: bool = False
-    #: Granted by the caller's own write with nobody queued: its release
+    #: Granted to a caller that did not wait, with nobody queued: its release
     #: tries the kind's quiet form first (see ``Kind.quiet_release``).
     quiet: bool = False
 
@@ -306,6 +312,13 @@ class Lease:
         self.what, self.target = what, target
         self._hooks = _Hooks(subject, on_stored, missing)
         self.held: Held | None = None
+        #: Starts the tickets of this handle's waits, which its change stream
+        #: selects: one stream serves every wait of the handle.
+        self.prefix = new_ticket()[:16]
+        #: Keeps the handle's change stream open between its waits (``take()``
+        #: and ``put(waker)``), where the face supplies one; else each wait
+        #: opens its own.
+        self.streams: Any = None
         #: Whether this handle ever held a lease (for messages).
         self.had_lease = False
         #: The fence of this handle's latest grant (``None`` before the first).
@@ -401,8 +414,8 @@ class Lease:
         :return: the record as stored at the grant, or ``None`` if refused
             (:attr:`refused` then shows what was seen).
         """
-        ask = Ask(owner, new_ticket(), ms, dict(extra or {}))
         if wait == 0 or force:
+            ask = Ask(owner, new_ticket(), ms, dict(extra or {}))
             started = sent = self.clock()
             command = self.kind.acquire(ask, "force" if force else "try")
             try:
@@ -434,8 +447,10 @@ class Lease:
             view = self._check(self.kind.view(result.doc, result.now, ask.ticket))
             if view.mine:
                 return self.adopt(result, ask, (sent, result.now), self.clock() - started,
-                                  view=view)
+                                  view=view, direct=True)
             return self._refuse(view, self.clock() - started)
+        # A waiter's ticket: the handle's prefix, which its stream selects.
+        ask = Ask(owner, self.prefix + new_ticket()[:8], ms, dict(extra or {}))
         return (yield from self._wait_in_queue(ask, wait))
 
     def _look_refused(self, refused: Result) -> Steps[Result]:
@@ -468,7 +483,9 @@ class Lease:
         when the holder's lease runs out.
         """
         key = {"documentKey." + k: v for k, v in self.match.items()}
-        waiting = Waiting(wait, self.clock, combine(key, self.kind.granted_event(ask.ticket)))
+        kept = None if self.streams is None else self.streams.take()
+        waiting = Waiting(wait, self.clock, combine(key, self.kind.granted_event(self.prefix)),
+                          kept, keep=self.streams is not None)
         command = self.kind.acquire(ask, "queue")
         # (sent, server time) of the last answered attempt: a grant learnt
         # later happened after it.
@@ -499,23 +516,30 @@ class Lease:
                 if view is not None and view.head:
                     # First in line: look again the moment the lease runs out.
                     bound = min(bound, view.time_left + 0.001)
+                look_at = self.clock() + bound
                 event = yield from waiting.pause(bound)
+                while event is not None and self.kind.earlier_grant(event, ask.ticket):
+                    # The grant of an earlier wait of this handle, whose
+                    # stream outlives it: not news; wait on until look_at.
+                    event = yield from waiting.pause(look_at - self.clock())
                 doc = None if event is None else event.get("fullDocument")
-                if doc is not None:
+                if doc is not None and self.kind.event_grants(event, ask.ticket):  # type: ignore[arg-type]
                     seen = self.kind.view(doc, event.get("wallTime"), ask.ticket)  # type: ignore[union-attr]
                     if seen.mine and seen.now is not None:
                         result = Result(doc, seen.now)
                         # Seen in the event: the hand-off's server time is no
                         # earlier than that of the last answered attempt.
                         seen_at = last or (self.clock(), seen.now)
-                        return self.adopt(result, ask, seen_at, waiting.waited(),
-                                          handed=True)
+                        return self.adopt(result, ask, seen_at, waiting.waited())
         except GeneratorExit:
             raise
         except BaseException:
             # Interrupted or cancelled while queued: leave nothing queued or held.
             yield from self._abandon(ask)
             raise
+        finally:
+            if self.streams is not None:
+                self.streams.put(waiting.waker)
 
     def _give_up(
         self, ask: Ask, waiting: Waiting, last: tuple[float, datetime] | None
@@ -548,7 +572,7 @@ class Lease:
 
     def adopt(
         self, result: Result, ask: Ask, seen: tuple[float, datetime | None], waited: float,
-        *, view: View | None = None, handed: bool = False,
+        *, view: View | None = None, direct: bool = False,
     ) -> Result:
         """Record a grant (from :meth:`acquire`, or a claim that picked this
         record) and announce it.
@@ -582,8 +606,8 @@ class Lease:
             # Handed over by another's write: granted for a short while only,
             # until this holder confirms it (see PICKUP_MS).
             confirm=ask.ms > PICKUP_MS >= granted,
-            # Handed over by another's write: others are contending for it.
-            quiet=not handed and view.queued == 0,
+            # A caller that waited expects others: its release hands over.
+            quiet=direct and view.queued == 0,
         )
         self.had_lease = True
         self.fence = self.held.fence

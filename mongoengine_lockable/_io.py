@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Generator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -109,6 +110,11 @@ class ChangeStreamWaker:
     def __init__(self, stream: Any) -> None:
         self._stream = stream
         self.broken = False
+
+    @property
+    def usable(self) -> bool:
+        """Neither failed nor closed: another wait can read it."""
+        return not self.broken and bool(self._stream.alive)
 
     def pausing(self, timeout: float, sleep: Callable[[float], Any]) -> Generator[Call, Any, Any]:
         """The calls of one pause; ``sleep`` is the executor's."""
@@ -251,14 +257,16 @@ class Executor:
                     full_document="updateLookup",
                     max_await_time_ms=STREAM_AWAIT_MS,
                     start_at_operation_time=None if session is None else session.operation_time,
-                    session=session,
+                    # A kept stream outlives the run's session.
+                    session=None if request.kept else session,
                 )
             except PyMongoError as exc:
                 # A standalone server has no change streams.
                 log.debug("no change stream on %s (%s): polling", self.collection.full_name, exc)
                 return None
             waker = ChangeStreamWaker(stream)
-            wakers.append(waker)
+            if not request.kept:
+                wakers.append(waker)
             return waker
         raise TypeError(f"unknown request {request!r}")  # pragma: no cover
 
@@ -358,6 +366,9 @@ class MockWaker:
 
     #: The longest pause: writes made outside this library are seen by polling.
     MAX_POLL = 0.25
+    #: It never fails (as a change stream can).
+    broken = False
+    usable = True
 
     def __init__(self, namespace: str, match: Mapping[str, Any]) -> None:
         self.namespace = namespace
@@ -565,6 +576,111 @@ def _closing() -> ThreadPoolExecutor:
             _closer = (os.getpid(), ThreadPoolExecutor(max_workers=1,
                                                         thread_name_prefix="lockable-closer"))
         return _closer[1]
+
+
+#: How long a handle keeps its change stream open after a wait, for its next.
+KEEP_STREAM_SECONDS = 2.0
+
+
+class KeptStream:
+    """One handle's change stream, kept open between its waits: a caller
+    that waits again soon (a worker taking a contended lock in a loop) finds
+    it open, and the server does not set up a stream per wait. Unused for
+    :data:`KEEP_STREAM_SECONDS`, it is closed; a forked child drops its
+    parent's."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waker: Any = None
+        self._due = 0.0
+        self._pid = os.getpid()
+
+    def take(self) -> Any:
+        """The kept stream (``None``: none), which the caller now holds."""
+        with self._lock:
+            waker, self._waker = self._waker, None
+        if waker is None or self._pid != os.getpid():
+            return None  # (a parent's stream is left to the parent)
+        if not waker.usable:
+            _discard(waker)
+            return None
+        return waker
+
+    def put(self, waker: Any) -> None:
+        """Keep ``waker`` (one that failed or closed is closed instead)."""
+        if waker is None:
+            return
+        if self._pid != os.getpid():
+            return
+        if not waker.usable:
+            _discard(waker)
+            return
+        with self._lock:
+            old, self._waker = self._waker, waker
+            self._due = time.monotonic() + KEEP_STREAM_SECONDS
+        if old is not None and old is not waker:
+            _discard(old)
+        _expiring().add(self)
+
+    def expire(self, now: float) -> bool:
+        """Close the stream if unused since its time ran out; whether one is
+        still kept."""
+        with self._lock:
+            if self._waker is None:
+                return False
+            if now < self._due:
+                return True
+            waker, self._waker = self._waker, None
+        _discard(waker)
+        return False
+
+
+class _Expiry:
+    """The thread that closes kept streams when their time runs out (one per
+    process, running while some are kept)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: weakref.WeakSet[KeptStream] = weakref.WeakSet()
+        self._running = False
+
+    def add(self, kept: KeptStream) -> None:
+        with self._lock:
+            self._kept.add(kept)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="lockable-streams", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(KEEP_STREAM_SECONDS / 4)
+            now = time.monotonic()
+            with self._lock:
+                kept = list(self._kept)
+            left = [k for k in kept if k.expire(now)]
+            with self._lock:
+                for k in kept:
+                    if k not in left:
+                        self._kept.discard(k)
+                if not self._kept:
+                    self._running = False
+                    return
+
+
+_expiry: tuple[int, _Expiry] | None = None
+
+
+def _expiring() -> _Expiry:
+    global _expiry
+    with _closer_lock:
+        if _expiry is None or _expiry[0] != os.getpid():
+            _expiry = (os.getpid(), _Expiry())
+        return _expiry[1]
+
+
+def _discard(waker: Any) -> None:
+    """Close ``waker`` in the background (a round trip: killCursors)."""
+    _closing().submit(_close, [waker], None)
 
 
 def _close(wakers: list[Any], session: Any) -> None:

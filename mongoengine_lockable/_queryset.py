@@ -107,7 +107,7 @@ class _LeaseQueries:
         assert result.doc is not None
         doc = self._document._from_son(result.doc, created=False)
         handle = document_lease(doc)
-        handle.lease.adopt(result, ask, (sent, result.now), waited)
+        handle.lease.adopt(result, ask, (sent, result.now), waited, direct=True)
         if keepalive:
             handle.keep_alive()
         return doc

@@ -427,16 +427,38 @@ class Kind:
         until = doc.get(self.layout.until)
         return until - timedelta(milliseconds=ask.ms) if isinstance(until, datetime) else None
 
-    def granted_event(self, ticket: str) -> Filter:
-        """Change-stream filter: a write granted the lease to ``ticket`` (or the
-        record was deleted, after which the waiter must look again)."""
+    def granted_event(self, prefix: str) -> Filter:
+        """Change-stream filter: a write granted the lease to a ticket that
+        starts with ``prefix`` (one handle's waits), or the record was deleted
+        (after which the waiter must look again)."""
         token = self.layout.token
+        ticket = {"$regex": "^" + re.escape(prefix)}
         return {"$or": [
             {"operationType": "update", "updateDescription.updatedFields." + token: ticket},
             # The server may log a small document's pipeline update as a replacement.
             {"operationType": "replace", "fullDocument." + token: ticket},
             {"operationType": "delete"},
         ]}
+
+    def _granted_in(self, event: Mapping[str, Any]) -> Any:
+        """The grant that the change event's own write set (``None``: none)."""
+        field = self.layout.token
+        kind = event.get("operationType")
+        if kind == "update":
+            return ((event.get("updateDescription") or {}).get("updatedFields") or {}).get(field)
+        if kind == "replace":
+            return (event.get("fullDocument") or {}).get(field)
+        return None
+
+    def event_grants(self, event: Mapping[str, Any], ticket: str) -> bool:
+        """Whether the change event ``event`` is the write that granted the
+        lease to ``ticket`` (its own change, not the record looked up later)."""
+        return bool(self._granted_in(event) == ticket)
+
+    def earlier_grant(self, event: Mapping[str, Any], ticket: str) -> bool:
+        """Whether ``event`` (selected by :meth:`granted_event`) granted
+        another ticket than ``ticket``: an earlier wait's of the same handle."""
+        return self._granted_in(event) is not None and not self.event_grants(event, ticket)
 
     # -- writes ---------------------------------------------------------------------
 
@@ -1092,16 +1114,21 @@ class SharedKind(Kind):
                 return at if isinstance(at, datetime) else None
         return None
 
-    def granted_event(self, ticket: str) -> Filter:
-        """Change-stream filter: a write admitted ``ticket`` (its ``granted``
-        names it), or the record was deleted."""
-        among = {"$regex": re.escape(f" {ticket} ")}
+    def granted_event(self, prefix: str) -> Filter:
+        """Change-stream filter: a write admitted a ticket that starts with
+        ``prefix`` (its ``granted`` names it), or the record was deleted."""
+        among = {"$regex": re.escape(f" {prefix}")}
         granted = self.layout.token
         return {"$or": [
             {"operationType": "update", "updateDescription.updatedFields." + granted: among},
             {"operationType": "replace", "fullDocument." + granted: among},
             {"operationType": "delete"},
         ]}
+
+    def event_grants(self, event: Mapping[str, Any], ticket: str) -> bool:
+        """As :meth:`Kind.event_grants`: ``granted`` lists the admitted tickets."""
+        granted = self._granted_in(event)
+        return isinstance(granted, str) and f" {ticket} " in granted
 
     # -- writes -----------------------------------------------------------------------------
 

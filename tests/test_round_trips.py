@@ -7,13 +7,16 @@ database on the real server. Real server only: mongomock sends no commands.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 
 import pytest
 from mongoengine.context_managers import switch_db
 
-from mongoengine_lockable import LockUnavailableError
+from mongoengine_lockable import LockUnavailableError, _io
+from mongoengine_lockable._document import document_lease
 
 from models import CommandRecorder, Job, TenantJob, W1Job, recorded_alias
 
@@ -246,3 +249,55 @@ def test_lease_filter_names_the_shard_key(recorder):
         recorder.clear()
         doc.release()
         assert only_find_and_modify(recorder)["query"]["tenant"] == "t1"
+
+
+def _stream_opens(recorder) -> int:
+    return sum(1 for c in recorder.commands
+               if c.get("aggregate") and "$changeStream" in repr(c.get("pipeline")))
+
+
+def test_the_waits_of_one_instance_share_one_change_stream(RJob, recorder, monkeypatch):
+    """A caller that waits again soon finds its stream open (one
+    ``aggregate`` for every wait); unused for KEEP_STREAM_SECONDS, it is
+    closed (``killCursors``)."""
+    monkeypatch.setattr(_io, "KEEP_STREAM_SECONDS", 0.4)
+    job = saved(RJob, recorder, payload="x")
+    waiter = RJob.objects.get(pk=job.pk)
+    for _ in range(3):
+        assert job.lock(30) is True
+        releasing = threading.Timer(0.3, job.release)
+        releasing.start()
+        assert waiter.lock(30, wait=10) is True  # handed over by the release
+        releasing.join()
+        waiter.release()
+    assert _stream_opens(recorder) == 1, recorder.names
+    deadline = time.monotonic() + 10
+    while "killCursors" not in recorder.names and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "killCursors" in recorder.names  # closed once unused
+    # The next wait opens a new one.
+    assert job.lock(30) is True
+    releasing = threading.Timer(0.3, job.release)
+    releasing.start()
+    assert waiter.lock(30, wait=10) is True
+    releasing.join()
+    waiter.release()
+    assert _stream_opens(recorder) == 2, recorder.names
+
+
+def test_a_kept_stream_that_was_closed_is_not_used_again(RJob, recorder):
+    job = saved(RJob, recorder, payload="x")
+    waiter = RJob.objects.get(pk=job.pk)
+    for closing in (False, True):
+        assert job.lock(30) is True
+        releasing = threading.Timer(0.3, job.release)
+        releasing.start()
+        assert waiter.lock(30, wait=10) is True
+        releasing.join()
+        waiter.release()
+        kept = document_lease(waiter).lease.streams._waker
+        assert kept is not None and kept.usable
+        if not closing:
+            kept.close()  # as a failover or the server could end it
+            assert not kept.usable
+    assert _stream_opens(recorder) == 2, recorder.names

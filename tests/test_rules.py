@@ -188,6 +188,24 @@ def test_a_release_hands_the_lease_to_the_first_waiter_in_the_same_write() -> No
     assert short["locked_until"] == NOW + timedelta(milliseconds=300)
 
 
+def test_a_waiters_stream_hears_the_grants_of_its_handles_waits() -> None:
+    match = DOC.granted_event("ab12")  # the handle's prefix
+
+    def update(token: str) -> dict[str, Any]:
+        return {"operationType": "update",
+                "updateDescription": {"updatedFields": {"lock_token": token}}}
+
+    assert rulecheck.matches(match, update("ab12f0"), NOW)
+    assert not rulecheck.matches(match, update("cab12f0"), NOW)
+    assert rulecheck.matches(match, {"operationType": "delete"}, NOW)
+    assert DOC.event_grants(update("ab12f0"), "ab12f0")
+    assert not DOC.event_grants(update("ab12f0"), "ab12f1")
+    assert DOC.earlier_grant(update("ab12f0"), "ab12f1")
+    assert not DOC.earlier_grant({"operationType": "delete"}, "ab12f1")
+    replaced = {"operationType": "replace", "fullDocument": {"lock_token": "ab12f0"}}
+    assert rulecheck.matches(match, replaced, NOW) and DOC.event_grants(replaced, "ab12f0")
+
+
 def test_a_grant_tells_the_server_time_of_its_write() -> None:
     mine = ask(ms=5000)
     assert DOC.grant_time(apply({"_id": "x"}, DOC.acquire(mine, "try")), mine) == NOW

@@ -346,22 +346,27 @@ def test_another_limit_is_refused_while_in_use_and_takes_over_an_idle_record() -
 # -- change streams ---------------------------------------------------------------------------
 
 
-def test_granted_event_matches_the_waiters_own_ticket_only() -> None:
-    match = SEM.granted_event("ab12")
+def test_granted_event_matches_the_grants_of_one_handles_waits_only() -> None:
+    match = SEM.granted_event("ab12")  # the handle's prefix
 
     def update(granted: str) -> dict[str, Any]:
         return {"operationType": "update",
                 "updateDescription": {"updatedFields": {"granted": granted}}}
 
-    assert filter_applies(match, update(" ab12 "))  # type: ignore[no-untyped-call]
-    assert filter_applies(match, update(" x ab12 y "))  # type: ignore[no-untyped-call]
-    assert not filter_applies(match, update(" ab123 "))  # type: ignore[no-untyped-call]
-    assert not filter_applies(match, update(" cab12 "))  # type: ignore[no-untyped-call]
+    assert filter_applies(match, update(" ab12f0 "))  # type: ignore[no-untyped-call]
+    assert filter_applies(match, update(" x ab12f1 y "))  # type: ignore[no-untyped-call]
+    assert not filter_applies(match, update(" cab12f0 "))  # type: ignore[no-untyped-call]
+    assert not filter_applies(match, update(" x y "))  # type: ignore[no-untyped-call]
+    # Which wait it grants: the event's own change tells.
+    assert SEM.event_grants(update(" x ab12f1 y "), "ab12f1")
+    assert not SEM.event_grants(update(" x ab12f1 y "), "ab12f0")
+    assert SEM.earlier_grant(update(" x ab12f1 y "), "ab12f0")
+    assert not SEM.earlier_grant({"operationType": "delete"}, "ab12f0")
     assert not filter_applies(  # type: ignore[no-untyped-call]
         match, {"operationType": "update",
                 "updateDescription": {"updatedFields": {"holders": []}}})
     assert filter_applies(  # type: ignore[no-untyped-call]
-        match, {"operationType": "replace", "fullDocument": {"granted": " ab12 "}})
+        match, {"operationType": "replace", "fullDocument": {"granted": " ab12f0 "}})
     assert filter_applies(match, {"operationType": "delete"})  # type: ignore[no-untyped-call]
 
 
