@@ -84,6 +84,10 @@ MAX_KEEPALIVE_SLEEP = 3600.0
 #: it was seen (a quarter of the term): a holder that releases sooner never
 #: sends the confirmation, and a failed one still has time to be retried.
 CONFIRM_AFTER = PICKUP_MS / 4000
+#: After a release found waiters its quiet form did not expect, the handle's
+#: releases hand over at once for this long (the quiet form's miss costs a
+#: round trip, and a lease that was contended is likely to be again).
+CONTENDED_SECONDS = 10.0
 
 
 def is_ambiguous(exc: BaseException) -> bool:
@@ -319,6 +323,8 @@ class Lease:
         #: and ``put(waker)``), where the face supplies one; else each wait
         #: opens its own.
         self.streams: Any = None
+        #: When a quiet release of this handle last found waiters (monotonic).
+        self.contended_at: float | None = None
         #: Whether this handle ever held a lease (for messages).
         self.had_lease = False
         #: The fence of this handle's latest grant (``None`` before the first).
@@ -606,8 +612,11 @@ class Lease:
             # Handed over by another's write: granted for a short while only,
             # until this holder confirms it (see PICKUP_MS).
             confirm=ask.ms > PICKUP_MS >= granted,
-            # A caller that waited expects others: its release hands over.
-            quiet=direct and view.queued == 0,
+            # A caller that waited expects others, as does one whose release
+            # recently found waiters: its release hands over at once.
+            quiet=direct and view.queued == 0 and (
+                self.contended_at is None
+                or self.clock() - self.contended_at > CONTENDED_SECONDS),
         )
         self.had_lease = True
         self.fence = self.held.fence
@@ -641,6 +650,8 @@ class Lease:
             if result is None or result.doc is None:
                 # Someone queued meanwhile (or the lease is not held): the
                 # release that hands over decides.
+                if quiet is not None:
+                    self.contended_at = self.clock()
                 command = self.kind.release(holding, stamp)
                 result = yield self._modify(command.filter, command.update, clock=False)
         except PyMongoError as exc:

@@ -15,7 +15,7 @@ from datetime import datetime
 import pytest
 from mongoengine.context_managers import switch_db
 
-from mongoengine_lockable import LockUnavailableError, _io
+from mongoengine_lockable import LockUnavailableError, _engine, _io
 from mongoengine_lockable._document import document_lease
 
 from models import CommandRecorder, Job, TenantJob, W1Job, recorded_alias
@@ -200,7 +200,7 @@ def test_failed_lock_writes_nothing_else(RJob, recorder):
             pass
 
 
-def test_release_with_a_waiter_queued_meanwhile_hands_over(RJob, recorder):
+def test_release_with_a_waiter_queued_meanwhile_hands_over(RJob, recorder, monkeypatch):
     """A release whose grant saw nobody queued tries the small update first;
     a waiter queued since makes it match nothing, and the full release
     hands the lease over."""
@@ -225,6 +225,21 @@ def test_release_with_a_waiter_queued_meanwhile_hands_over(RJob, recorder):
     assert len(writes) == 2, recorder.commands
     assert "$replaceWith" in repr(writes[1]["update"])
     assert RJob.objects.get(pk=job.pk).locked_by == "someone"
+    # Found contended: for CONTENDED_SECONDS its releases hand over at once.
+    assert job.lock(30, force=True) is True
+    RJob._get_collection().update_one({"_id": job.pk}, {"$set": {"lock_waiters": [
+        {"t": "v" * 24, "o": "another", "ms": 30000, "a": datetime(2100, 1, 1)}]}})
+    recorder.clear()
+    job.release()
+    writes = [c for c in recorder.commands if "findAndModify" in c]
+    assert len(writes) == 1 and "$replaceWith" in repr(writes[0]["update"]), writes
+    assert RJob.objects.get(pk=job.pk).locked_by == "another"
+    monkeypatch.setattr(_engine, "CONTENDED_SECONDS", 0.0)  # ...and then quietly again
+    assert job.lock(30, force=True) is True
+    recorder.clear()
+    job.release()
+    writes = [c for c in recorder.commands if "findAndModify" in c]
+    assert len(writes) == 1 and "$replaceWith" not in repr(writes[0]["update"]), writes
 
 
 def test_lock_write_concern_of_the_class(recorder):
