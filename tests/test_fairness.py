@@ -251,3 +251,24 @@ def test_threads_are_served_in_order_on_mongomock(lockable_mongomock_db: Any,
     assert not errors, errors
     assert order == [0, 1, 2, 3, 4]
 
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_caller_waits_again_and_again_on_mongomock(lockable_mongomock_db: Any,
+                                                       kind: str) -> None:
+    """The waits of one instance share its waker (kept between waits), and
+    each is woken by its own grant, not by the earlier ones."""
+    target = Target(kind, lockable_mongomock_db)
+    waiter: Any = (FairJob.objects.get(pk=target.doc.pk) if kind == "document"
+                   else NamedLock(target.name, LEASE))
+    for _ in range(3):
+        assert target.take()
+        releasing = threading.Timer(0.1, target.holder.release)
+        releasing.start()
+        if kind == "document":
+            assert waiter.lock(LEASE, wait=10)
+        else:
+            assert waiter.acquire(wait=10)
+        releasing.join()
+        waiter.release()
