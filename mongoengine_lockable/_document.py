@@ -48,13 +48,15 @@ def document_lease(doc: Any) -> BlockingLease:
     The handle refers to its document weakly: a forgotten document can be
     garbage-collected, and its keepalive then stops.
     """
-    handle: BlockingLease | None = doc.__dict__.get("_lockable_handle")
-    pk = doc.pk
-    if handle is not None and pk is doc.__dict__.get("_lockable_pk") \
+    own = doc.__dict__
+    handle: BlockingLease | None = own.get("_lockable_handle")
+    # The primary key as the instance holds it (what ``doc.pk`` reads).
+    pk = doc._data.get(doc._meta["id_field"])
+    if handle is not None and pk is own.get("_lockable_pk") \
             and type(pk) in _IMMUTABLE_KEYS and not doc._meta.get("shard_key"):
         return handle  # the same (immutable) primary key object: the same record
     match = doc._lease_match()
-    doc.__dict__["_lockable_pk"] = pk
+    own["_lockable_pk"] = pk
     if handle is None or handle.lease.match != match:
         cls = type(doc)
         ref = weakref.ref(doc)

@@ -88,6 +88,7 @@ CONFIRM_AFTER = PICKUP_MS / 4000
 #: releases hand over at once for this long (the quiet form's miss costs a
 #: round trip, and a lease that was contended is likely to be again).
 CONTENDED_SECONDS = 10.0
+_MILLISECOND = timedelta(milliseconds=1)
 
 
 def is_ambiguous(exc: BaseException) -> bool:
@@ -111,8 +112,7 @@ class Result(NamedTuple):
     now: Optional[datetime]
 
 
-@dataclass(frozen=True)
-class Modify:
+class Modify(NamedTuple):
     """One ``findAndModify``. Answer: :class:`Result` (``doc`` is ``None`` when
     nothing matched).
 
@@ -347,7 +347,8 @@ class Lease:
         return view
 
     def _modify(self, command_filter: Filter, update: Update, **options: Any) -> Modify:
-        return Modify(combine(self.match, command_filter), update, **options)
+        flt = combine(self.match, command_filter) if command_filter else dict(self.match)
+        return Modify(flt, update, **options)
 
     def _send(self, name: str, **extra: Any) -> None:
         signal = getattr(signals, name)
@@ -594,13 +595,14 @@ class Lease:
             view = self.kind.view(result.doc, result.now, ask.ticket)
         sent, server_now = seen
         left = granted = ask.ms
-        if view.until is not None and server_now is not None:
-            until_ms = (view.until - naive_utc(server_now)) / timedelta(milliseconds=1)
-            left = min(ask.ms, int(until_ms))
-        if view.until is not None and result.now is not None:
+        until = view.until
+        if until is not None and result.now is not None:
             # What was left when the record was read (for a hand-off seen in
             # its change event: when it was made).
-            granted = int((view.until - naive_utc(result.now)) / timedelta(milliseconds=1))
+            granted = int((until - naive_utc(result.now)) / _MILLISECOND)
+        if until is not None and server_now is not None:
+            left = min(ask.ms, granted if server_now is result.now
+                       else int((until - naive_utc(server_now)) / _MILLISECOND))
         self.held = Held(
             owner=ask.owner,
             ticket=ask.ticket,

@@ -188,19 +188,18 @@ class Executor:
         server evaluates ``$$NOW``)."""
         return flt
 
-    def modify_call(self, request: Modify, session: Any) -> Call:
-        """The driver call of a :class:`Modify`."""
-        options: dict[str, Any] = {}
+    def modify_options(self, request: Modify, session: Any) -> dict[str, Any]:
+        """The arguments of the driver's ``find_one_and_update`` for a
+        :class:`Modify`."""
+        options = {"filter": request.filter, "update": request.update,
+                   "projection": RESULT_PROJECTION if request.clock else None,
+                   "sort": request.sort, "upsert": request.upsert,
+                   "return_document": ReturnDocument.AFTER, "session": session}
         if request.hint is not None:
             options["hint"] = request.hint
         if request.collation is not None:
             options["collation"] = request.collation
-        return Call(
-            self.collection.find_one_and_update, filter=request.filter,
-            update=request.update,
-            projection=RESULT_PROJECTION if request.clock else None, sort=request.sort,
-            upsert=request.upsert, return_document=ReturnDocument.AFTER, session=session,
-            **options)
+        return options
 
     def calls(self, request: Any, session: Any, wakers: list[Any]) -> Generator[Call, Any, Any]:
         """The calls that answer one of the engine's requests, and the answer:
@@ -220,7 +219,8 @@ class Executor:
             yield Call(self.sleep, request.seconds)
             return None
         if isinstance(request, Modify):
-            raw = yield self.modify_call(request, session)
+            raw = yield Call(self.collection.find_one_and_update,
+                             **self.modify_options(request, session))
             if not request.clock:
                 return Result(raw, None)
             if raw is not None and NOW_KEY not in raw:
@@ -298,7 +298,8 @@ class SyncIO(Executor):
     def do(self, request: Any, session: Any, wakers: list[Any]) -> Any:
         if type(request) is Modify and not request.clock and request.timeout is None:
             # The most frequent request, one call: straight to the driver.
-            return Result(_invoke(self.modify_call(request, session)), None)
+            return Result(self.collection.find_one_and_update(
+                **self.modify_options(request, session)), None)
         with bounded(request):
             return drive(self.calls(request, session, wakers), _invoke)
 
@@ -526,14 +527,15 @@ def executor_for(collection: Any, write_concern: WriteConcern | None = None) -> 
     return SyncIO(collection, write_concern)
 
 
-def drive(steps: Generator[R, Any, T], answer: Callable[[R], Any]) -> T:
+def drive(steps: Generator[R, Any, T], answer: Callable[..., Any], *args: Any) -> T:
     """Drive ``steps`` to its end, answering each request it yields with
-    ``answer``; an error is thrown into the generator, which may handle it."""
+    ``answer(request, *args)``; an error is thrown into the generator, which
+    may handle it."""
     try:
         request = next(steps)
         while True:
             try:
-                result = answer(request)
+                result = answer(request, *args)
             except BaseException as exc:
                 request = steps.throw(exc)
             else:
@@ -553,7 +555,7 @@ def run(steps: Steps[T], io: SyncIO, *, track: bool = False) -> T:
     session = io.session() if track else None
     wakers: list[Any] = []
     try:
-        return drive(steps, lambda request: io.do(request, session, wakers))
+        return drive(steps, io.do, session, wakers)
     finally:
         if wakers:
             # Closing a change stream is a round trip (killCursors): not on the

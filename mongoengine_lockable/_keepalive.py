@@ -190,7 +190,8 @@ class BlockingLease(LeaseHandle):
         ``extra``); with ``keepalive``, renew it until :meth:`release`. A
         lease handed over for a short term is confirmed in time, with or
         without ``keepalive``."""
-        self._stop_keepalive()
+        if self._keep_seq is not None:
+            self._stop_keepalive()
         result = run(self.lease.acquire(owner, ms, wait=wait, **grant), self.io,
                      track=wait != 0)
         return self.acquired(result, keepalive)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, ClassVar
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple
 
+from bson import ObjectId
 from mongoengine import fields as _fields
 from mongoengine import signals as _me_signals
+from mongoengine.base import BaseField
 from mongoengine.errors import InvalidQueryError, LookUpError, ValidationError
 from mongoengine.fields import DateTimeField, DictField, IntField, ListField, StringField
 from mongoengine.queryset import QuerySet, QuerySetManager, transform
@@ -85,32 +88,103 @@ _PLAIN_FIELD_CLASSES = frozenset({
     _fields.BooleanField, _fields.DateTimeField, _fields.ObjectIdField,
     _fields.DecimalField, _fields.EmailField, _fields.URLField, _fields.UUIDField,
 })
+#: For field classes whose ``to_python`` returns a value of this type as it
+#: is: that type.
+_NATIVE: dict[type, type] = {
+    _fields.StringField: str, _fields.EmailField: str, _fields.URLField: str,
+    _fields.IntField: int, _fields.LongField: int, _fields.FloatField: float,
+    _fields.BooleanField: bool, _fields.ObjectIdField: ObjectId,
+    _fields.DateTimeField: datetime,
+}
 _PLAIN: weakref.WeakKeyDictionary[type, Any] = weakref.WeakKeyDictionary()
 
 
-def _plain_fields(cls: type) -> tuple[frozenset[str], str, list[tuple[str, str, Any]]] | None:
-    """For a class whose stored documents load field by field: the keys a
-    stored document may have, the class name, and ``(name, db_field, field)``
-    of every field (the lease's own fields load as :meth:`_load_lease_fields`
-    loads them); ``None`` for other classes (dynamic documents, fields with
-    containers or references, ``pre_init``/``post_init`` receivers, which see
-    the throw-away document that a reload builds)."""
+class _Loader(NamedTuple):
+    """How one stored value becomes the instance's."""
+
+    name: str
+    db_field: str
+    #: The field's ``to_python``; ``None`` where it returns every value as is.
+    convert: Callable[[Any], Any] | None
+    #: The value of a missing or null stored value (a callable is called).
+    default: Any
+
+
+class _Fields:
+    """How stored values of some fields become an instance's (:meth:`load`)."""
+
+    def __init__(self, fields: list[tuple[str, Any]]) -> None:
+        self.loaders = [
+            _Loader(name, field.db_field,
+                    None if type(field).to_python is BaseField.to_python else field.to_python,
+                    None if field.null else field.default)
+            for name, field in fields]
+        self.names = [loader.name for loader in self.loaders]
+        self.db_fields = [loader.db_field for loader in self.loaders]
+        #: Per field, the types of stored values that load as they are: the
+        #: field's native type, and ``None`` where it has no default.
+        self.as_is = [
+            frozenset(([_NATIVE[type(field)]] if type(field) in _NATIVE else [])
+                      + ([] if loader.default is not None else [type(None)]))
+            for (_, field), loader in zip(fields, self.loaders)]
+
+    def load(self, data: dict[str, Any], raw: dict[str, Any]) -> None:
+        """Set ``data`` (an instance's) from the stored document ``raw``: at
+        once where every value loads as it is, else field by field."""
+        values = list(map(raw.get, self.db_fields))
+        if all(map(frozenset.__contains__, self.as_is, map(type, values))):
+            data.update(zip(self.names, values))
+            return
+        for (name, _, convert, default), value in zip(self.loaders, values):
+            if value is None:
+                if default is not None:
+                    value = default() if callable(default) else default
+            elif convert is not None:
+                value = convert(value)
+            data[name] = value
+
+
+class _Plain(NamedTuple):
+    """How the stored documents of a class load field by field."""
+
+    #: The keys a stored document may have.
+    keys: frozenset[str]
+    class_name: str
+    fields: _Fields
+
+
+def _lease_fields(cls: type) -> _Fields:
+    """How the lease's own fields of a class load."""
+    lease: _Fields | None = cls.__dict__.get("_lockable_lease_fields")
+    if lease is None:
+        fields: dict[str, Any] = cls._fields  # type: ignore[attr-defined]
+        lease = _Fields([(name, fields[name]) for name in DOCUMENT_LAYOUT.all])
+        type.__setattr__(cls, "_lockable_lease_fields", lease)
+    return lease
+
+
+def _plain_fields(cls: type) -> _Plain | None:
+    """For a class whose stored documents load field by field, how (the
+    lease's own fields load as :meth:`_load_lease_fields` loads them);
+    ``None`` for other classes (dynamic documents, fields with containers or
+    references, ``pre_init``/``post_init`` receivers, which see the
+    throw-away document that a reload builds)."""
     if (_me_signals.pre_init.receivers or _me_signals.post_init.receivers) and (
             _me_signals.pre_init.has_receivers_for(cls)
             or _me_signals.post_init.has_receivers_for(cls)):
         return None
-    if cls not in _PLAIN:
+    plain: _Plain | bool | None = _PLAIN.get(cls, False)
+    if plain is False:
         fields: dict[str, Any] = cls._fields  # type: ignore[attr-defined]
         eligible = not cls._dynamic and all(  # type: ignore[attr-defined]
             type(field) in _PLAIN_FIELD_CLASSES or name in DOCUMENT_LAYOUT.all
             for name, field in fields.items())
-        _PLAIN[cls] = (
+        plain = _PLAIN[cls] = _Plain(
             frozenset([f.db_field for f in fields.values()] + ["_cls"]),
             cls._class_name,  # type: ignore[attr-defined]
-            [(name, f.db_field, f) for name, f in fields.items()],
+            _Fields(list(fields.items())),
         ) if eligible else None
-    plain: tuple[frozenset[str], str, list[tuple[str, str, Any]]] | None = _PLAIN[cls]
-    return plain
+    return plain  # type: ignore[return-value]
 
 
 class LockableMixin:
@@ -209,15 +283,9 @@ class LockableMixin:
         ``to_python`` alone, as building a throw-away document would.
         """
         plain = _plain_fields(type(self))
-        if plain is not None and raw.keys() <= plain[0] and raw.get("_cls", plain[1]) == plain[1]:
-            data = self._data
-            for name, db_field, field in plain[2]:
-                value = raw.get(db_field)
-                if value is not None:
-                    value = field.to_python(value)
-                elif not field.null and field.default is not None:
-                    value = field.default() if callable(field.default) else field.default
-                data[name] = value
+        if plain is not None and raw.keys() <= plain.keys \
+                and raw.get("_cls", plain.class_name) == plain.class_name:
+            plain.fields.load(self._data, raw)
         else:
             stored = type(self)._from_son(raw, created=False)  # type: ignore[attr-defined]
             data = self._data
@@ -226,12 +294,13 @@ class LockableMixin:
             for name, value in stored._data.items():
                 if name not in self._fields:  # a DynamicDocument's dynamic fields
                     setattr(self, name, value)
-        self._changed_fields = []
-        self._created = False
+        if self._changed_fields != []:
+            self._changed_fields = []
+        if self._created is not False:
+            self._created = False
 
     def _load_lease_fields(self, raw: dict[str, Any]) -> None:
-        for name in DOCUMENT_LAYOUT.all:
-            self._data[name] = self._fields[name].to_python(raw.get(name))
+        _lease_fields(type(self)).load(self._data, raw)
 
     def _refuse_unsaved_changes(self, what: str) -> None:
         if not self._changed_fields:

@@ -44,9 +44,10 @@ import os
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Callable, Literal, Union
+from types import MappingProxyType
+from typing import Any, Callable, Literal, NamedTuple, Union
 
 from ._expr import naive_utc
 
@@ -98,6 +99,8 @@ _ALL = 2**31 - 1
 
 def combine(*parts: Mapping[str, Any]) -> Filter:
     """AND filters together, flat when their keys do not collide."""
+    if len(parts) == 2 and parts[0].keys().isdisjoint(parts[1]):
+        return {**parts[0], **parts[1]}  # the most frequent case, at once
     merged: Filter = {}
     for part in parts:
         if not merged.keys().isdisjoint(part):
@@ -206,15 +209,17 @@ def _with_entry(queue: Any, ticket: str, entry: dict[str, Any]) -> dict[str, Any
     )
 
 
-def _ms_between(later: datetime, earlier: datetime) -> float:
-    return (naive_utc(later) - naive_utc(earlier)) / timedelta(seconds=1)
+_SECOND = timedelta(seconds=1)
+
+
+def _seconds_between(later: datetime, earlier: datetime) -> float:
+    return (naive_utc(later) - naive_utc(earlier)) / _SECOND
 
 
 # -- requests and answers ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     """One conditional write: ``filter`` (ANDed with the record's match),
     ``update`` (a pipeline, or an operator update) and whether to create the
     record when it is missing."""
@@ -224,8 +229,7 @@ class Command:
     upsert: bool = False
 
 
-@dataclass(frozen=True)
-class Ask:
+class Ask(NamedTuple):
     """One attempt to acquire: who, its ticket (unique to this attempt or this
     wait) and the lease's duration in milliseconds. ``extra`` are literal
     fields stored with the grant (a named lock's ``host`` and ``pid``)."""
@@ -233,11 +237,10 @@ class Ask:
     owner: str
     ticket: str
     ms: int
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = MappingProxyType({})
 
 
-@dataclass(frozen=True)
-class Holding:
+class Holding(NamedTuple):
     """Whose lease a release or renewal acts on: the acquisition with
     ``ticket``, or (``ticket=None``) any acquisition of ``owner``."""
 
@@ -245,8 +248,7 @@ class Holding:
     ticket: str | None = None
 
 
-@dataclass(frozen=True)
-class View:
+class View(NamedTuple):
     """A lease record as one caller sees it at the server time ``now``.
 
     :ivar exists: the record exists.
@@ -507,9 +509,10 @@ class Kind:
         return Command({}, [{"$replaceWith": decided}], self.upsert)
 
     def _template(self, key: str, build: Callable[[str], Any]) -> Any:
-        """The expression ``build(key)``, built once per kind: the caller's
-        values reach it as variables of a ``$let`` around it (the server parses
-        it whole either way; the client need not build it again)."""
+        """The expression (or the parts of a command) ``build(key)``, built once
+        per kind: the caller's values reach it as variables of a ``$let``
+        around it, or are added to a copy (the server parses it whole either
+        way; the client need not build it again)."""
         cache = self.__dict__.setdefault("_templates", {})
         if key not in cache:
             cache[key] = build(key)
@@ -610,9 +613,14 @@ class Kind:
         entries, which :meth:`release` clears). Update: the fields of a lease
         left released (:meth:`_released`), and ``stamp``.
         """
-        lay = self.layout
-        return Command(combine(self.holds(holding), {lay.waiters: {"$exists": False}}),
-                       [{"$set": {**self._released(), lay.stamp: _lit(stamp)}}])
+        quiet_filter, released = self._template("quiet", self._quiet_template)
+        return Command(combine(self.identity(holding), quiet_filter),
+                       [{"$set": {**released, self.layout.stamp: _lit(stamp)}}])
+
+    def _quiet_template(self, key: str) -> tuple[Filter, dict[str, Any]]:
+        """:meth:`quiet_release`'s parts that are the same for every caller:
+        the filter (held, no queue) and the released fields."""
+        return combine(self.held(), {self.layout.waiters: {"$exists": False}}), self._released()
 
     def _end(self, stamp: str) -> Pipeline:
         return self._settle(_live(_f(self.layout.waiters)), stamp=stamp)
@@ -658,28 +666,35 @@ class Kind:
         if doc is None:
             return View(exists=False, now=now)
         lay = self.layout
-        foreign = self._foreign(doc)
         until = doc.get(lay.until)
-        until = naive_utc(until) if isinstance(until, datetime) else None
-        held = until is not None and now is not None and until > naive_utc(now)
-        waiters = [w for w in doc.get(lay.waiters) or []
-                   if now is None or naive_utc(w.get("a", now)) > naive_utc(now)]
-        mine = ticket is not None and held and doc.get(lay.token) == ticket
-        fence = doc.get(lay.fence)
+        if not isinstance(until, datetime):
+            until = None
+        elif until.tzinfo is not None:
+            until = naive_utc(until)
+        at = now if now is None or now.tzinfo is None else naive_utc(now)
+        held = until is not None and at is not None and until > at
+        queued, head = 0, False
+        queue = doc.get(lay.waiters)
+        if queue:
+            waiters = [w for w in queue if at is None or naive_utc(w.get("a", at)) > at]
+            queued, head = len(waiters), bool(waiters) and waiters[0].get("t") == ticket
+        token = doc.get(lay.token) if held else None
+        mine = held and ticket is not None and token == ticket
+        fence = doc.get(lay.fence) if mine else None
         return View(
             exists=True,
             now=now,
             mine=mine,
             held=held,
             holder=doc.get(lay.owner) if held else None,
-            fence=int(fence) if mine and fence is not None else None,
+            fence=None if fence is None else int(fence),
             until=until,
-            head=bool(waiters) and waiters[0].get("t") == ticket,
-            queued=len(waiters),
-            time_left=max(_ms_between(until, now), 0.0) if held and until and now else 0.0,
-            foreign=foreign,
+            head=head,
+            queued=queued,
+            time_left=(until - at) / _SECOND if held else 0.0,  # type: ignore[operator]
+            foreign=self._foreign(doc),
             finished=held and self._finished(doc),
-            ticket=doc.get(lay.token) if held else None,
+            ticket=token,
         )
 
     # -- for operators ------------------------------------------------------------------
@@ -717,7 +732,7 @@ class Kind:
             state = "free"
         remaining = None
         if isinstance(until, datetime) and now is not None:
-            remaining = round(_ms_between(until, now), 3)
+            remaining = round(_seconds_between(until, now), 3)
         host, pid = self._where(doc)
         return {
             "kind": self.name,
@@ -1249,7 +1264,7 @@ class SharedKind(Kind):
             until=until,
             head=bool(waiters) and waiters[0].get("t") == ticket,
             queued=len(waiters),
-            time_left=(max(_ms_between(first_end, now), 0.0)
+            time_left=(max(_seconds_between(first_end, now), 0.0)
                        if first_end is not None and now is not None else 0.0),
             foreign=self._foreign_at(doc, now, bool(live) or bool(waiters)),
         )
@@ -1288,7 +1303,7 @@ class SharedKind(Kind):
             rows.append({
                 **base,
                 "state": "held",
-                "remaining": None if now is None else round(_ms_between(entry["u"], now), 3),
+                "remaining": None if now is None else round(_seconds_between(entry["u"], now), 3),
                 "owner": entry.get("o"),
                 "host": entry.get("host"),
                 "pid": entry.get("pid"),

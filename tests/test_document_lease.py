@@ -17,6 +17,7 @@ from mongoengine_lockable import (
     LockUnavailableError,
     UnsavedDocumentError,
 )
+from mongoengine_lockable._mixin import _NATIVE
 from mongoengine_lockable._rules import DOCUMENT_LAYOUT
 from mongoengine_lockable.signals import lock_acquired, lock_released, lock_renewed
 
@@ -148,6 +149,8 @@ STORED_VARIANTS = [
     # Every field stored.
     {"name": "n", "count": 5, "ratio": 0.5, "price": "1.239", "when": datetime(2026, 1, 2, 3, 4, 5),
      "flag": False, "ref": ObjectId()},
+    # Values of another type than the field's own, which load converted.
+    {"count": 5.0, "ratio": 2, "flag": 1, "name": "n"},
     # Fields missing from the stored document, or stored as null: defaults
     # apply where the field has one, as a reload applies them.
     {"name": None, "ratio": None},
@@ -176,6 +179,26 @@ def test_a_grant_loads_the_document_as_reload_does(cls, stored):
         assert type(getattr(doc, name)) is type(getattr(reloaded, name)), name
     assert doc._get_changed_fields() == []
     doc.release()
+
+
+@pytest.mark.parametrize("field_class, native", sorted(_NATIVE.items(), key=str))
+def test_a_native_value_loads_as_it_is(field_class, native):
+    """A stored value of a field's native type is kept as it is, without the
+    field's ``to_python``: which returns it unchanged (checked for every
+    field class of the table, on the MongoEngine installed)."""
+    samples = {str: "text", int: 7, float: 0.25, bool: True, ObjectId: ObjectId(),
+               datetime: datetime(2026, 1, 2, 3, 4, 5, 6000)}
+    value = samples[native]
+    assert field_class().to_python(value) is value
+
+
+def test_released_lease_fields_load_as_reload_does(job):
+    assert job.lock(30) is True
+    job.release()
+    reloaded = Job.objects.get(pk=job.pk)
+    for name in DOCUMENT_LAYOUT.all:
+        assert getattr(job, name) == getattr(reloaded, name), name
+        assert type(getattr(job, name)) is type(getattr(reloaded, name)), name
 
 
 @pytest.mark.usefixtures("lockable_db")
