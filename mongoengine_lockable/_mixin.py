@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -96,7 +95,6 @@ _NATIVE: dict[type, type] = {
     _fields.BooleanField: bool, _fields.ObjectIdField: ObjectId,
     _fields.DateTimeField: datetime,
 }
-_PLAIN: weakref.WeakKeyDictionary[type, Any] = weakref.WeakKeyDictionary()
 
 
 class _Loader(NamedTuple):
@@ -153,14 +151,23 @@ class _Plain(NamedTuple):
     fields: _Fields
 
 
+def _per_class(cls: type, key: str, build: Callable[[type], Any]) -> Any:
+    """``build(cls)``, built once and kept in the class itself (a subclass
+    builds its own)."""
+    if key not in cls.__dict__:
+        type.__setattr__(cls, key, build(cls))
+    return cls.__dict__[key]
+
+
 def _lease_fields(cls: type) -> _Fields:
     """How the lease's own fields of a class load."""
-    lease: _Fields | None = cls.__dict__.get("_lockable_lease_fields")
-    if lease is None:
-        fields: dict[str, Any] = cls._fields  # type: ignore[attr-defined]
-        lease = _Fields([(name, fields[name]) for name in DOCUMENT_LAYOUT.all])
-        type.__setattr__(cls, "_lockable_lease_fields", lease)
+    lease: _Fields = _per_class(cls, "_lockable_lease_fields", _build_lease_fields)
     return lease
+
+
+def _build_lease_fields(cls: type) -> _Fields:
+    fields: dict[str, Any] = cls._fields  # type: ignore[attr-defined]
+    return _Fields([(name, fields[name]) for name in DOCUMENT_LAYOUT.all])
 
 
 def _plain_fields(cls: type) -> _Plain | None:
@@ -173,18 +180,20 @@ def _plain_fields(cls: type) -> _Plain | None:
             _me_signals.pre_init.has_receivers_for(cls)
             or _me_signals.post_init.has_receivers_for(cls)):
         return None
-    plain: _Plain | bool | None = _PLAIN.get(cls, False)
-    if plain is False:
-        fields: dict[str, Any] = cls._fields  # type: ignore[attr-defined]
-        eligible = not cls._dynamic and all(  # type: ignore[attr-defined]
-            type(field) in _PLAIN_FIELD_CLASSES or name in DOCUMENT_LAYOUT.all
-            for name, field in fields.items())
-        plain = _PLAIN[cls] = _Plain(
-            frozenset([f.db_field for f in fields.values()] + ["_cls"]),
-            cls._class_name,  # type: ignore[attr-defined]
-            _Fields(list(fields.items())),
-        ) if eligible else None
-    return plain  # type: ignore[return-value]
+    plain: _Plain | None = _per_class(cls, "_lockable_plain", _build_plain)
+    return plain
+
+
+def _build_plain(cls: type) -> _Plain | None:
+    fields: dict[str, Any] = cls._fields  # type: ignore[attr-defined]
+    eligible = not cls._dynamic and all(  # type: ignore[attr-defined]
+        type(field) in _PLAIN_FIELD_CLASSES or name in DOCUMENT_LAYOUT.all
+        for name, field in fields.items())
+    return _Plain(
+        frozenset([f.db_field for f in fields.values()] + ["_cls"]),
+        cls._class_name,  # type: ignore[attr-defined]
+        _Fields(list(fields.items())),
+    ) if eligible else None
 
 
 class LockableMixin:

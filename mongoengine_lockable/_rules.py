@@ -667,11 +667,8 @@ class Kind:
             return View(exists=False, now=now)
         lay = self.layout
         until = doc.get(lay.until)
-        if not isinstance(until, datetime):
-            until = None
-        elif until.tzinfo is not None:
-            until = naive_utc(until)
-        at = now if now is None or now.tzinfo is None else naive_utc(now)
+        until = naive_utc(until) if isinstance(until, datetime) else None
+        at = None if now is None else naive_utc(now)
         held = until is not None and at is not None and until > at
         queued, head = 0, False
         queue = doc.get(lay.waiters)
