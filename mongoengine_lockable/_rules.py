@@ -41,6 +41,7 @@ its own lease and fence, in one record: see :class:`SharedKind`.
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 from collections.abc import Mapping
@@ -112,12 +113,29 @@ def combine(*parts: Mapping[str, Any]) -> Filter:
 # -- owners and tickets -------------------------------------------------------------
 
 _HOST = socket.gethostname()
+#: Draws the random bits of owner tokens and tickets: seeded by the operating
+#: system, again in a forked child (whose tokens must differ from its
+#: parent's), it needs no system call per token.
+_RANDOM = random.Random()
+#: ``host:pid:``, the start of this process's owner tokens.
+_WHERE = ""
+
+
+def _seed() -> None:
+    global _WHERE
+    _RANDOM.seed()
+    _WHERE = f"{_HOST}:{os.getpid()}:"
+
+
+_seed()
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_seed)
 
 
 def new_owner() -> str:
     """A fresh owner token: host, pid and 48 random bits, so that an operator
     can tell where a lease came from."""
-    return f"{_HOST}:{os.getpid()}:{os.urandom(6).hex()}"
+    return f"{_WHERE}{_RANDOM.getrandbits(48):012x}"
 
 
 def parse_owner(owner: object) -> tuple[str, int] | None:
@@ -134,8 +152,9 @@ def parse_owner(owner: object) -> tuple[str, int] | None:
 
 
 def new_ticket() -> str:
-    """A fresh ticket: the identity of one attempt or one write."""
-    return os.urandom(12).hex()
+    """A fresh ticket: the identity of one attempt or one write (96 random
+    bits)."""
+    return f"{_RANDOM.getrandbits(96):024x}"
 
 
 def host_and_pid() -> dict[str, Any]:

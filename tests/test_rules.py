@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,6 +30,7 @@ from mongoengine_lockable._rules import (
     Holding,
     NamedKind,
     new_owner,
+    new_ticket,
     parse_owner,
 )
 
@@ -335,6 +339,41 @@ def test_describe_for_operators() -> None:
     assert DOC.describe(released, NOW)["state"] == "released"
     assert DOC.describe({"_id": "x"}, NOW)["state"] == "free"
     assert parse_owner("my-worker") is None and parse_owner(None) is None
+
+
+_FORKED_TOKENS = """
+import os
+from mongoengine_lockable._rules import new_owner, new_ticket, parse_owner
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(write, f"{os.getpid()} {new_owner()} {new_ticket()}".encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+child_pid, child_owner, child_ticket = os.read(read, 4096).decode().split()
+owner, ticket = new_owner(), new_ticket()
+assert parse_owner(child_owner)[1] == int(child_pid) != os.getpid() == parse_owner(owner)[1]
+assert child_owner.rsplit(":", 1)[1] != owner.rsplit(":", 1)[1], (child_owner, owner)
+assert child_ticket != ticket and len(child_ticket) == len(ticket) == 24, (child_ticket, ticket)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_draws_other_tokens_than_its_parent() -> None:
+    # In a fresh interpreter (forking pytest's threads is not safe): the
+    # child's first owner token and ticket are not its parent's next ones.
+    done = subprocess.run([sys.executable, "-c", _FORKED_TOKENS], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_owner_tokens_and_tickets_are_fresh() -> None:
+    owners = {new_owner() for _ in range(1000)}
+    tickets = {new_ticket() for _ in range(1000)}
+    assert len(owners) == len(tickets) == 1000
+    assert all(parse_owner(owner) is not None for owner in owners)
+    assert all(len(t) == 24 and int(t, 16) >= 0 for t in tickets)
 
 
 def test_records_written_by_version_0_1_are_read_as_held_expired_or_released() -> None:
