@@ -97,47 +97,33 @@ _NATIVE: dict[type, type] = {
 }
 
 
-class _Loader(NamedTuple):
-    """How one stored value becomes the instance's."""
-
-    name: str
-    db_field: str
-    #: The field's ``to_python``; ``None`` where it returns every value as is.
-    convert: Callable[[Any], Any] | None
-    #: The value of a missing or null stored value (a callable is called).
-    default: Any
-
-
 class _Fields:
     """How stored values of some fields become an instance's (:meth:`load`)."""
 
     def __init__(self, fields: list[tuple[str, Any]]) -> None:
-        self.loaders = [
-            _Loader(name, field.db_field,
-                    None if type(field).to_python is BaseField.to_python else field.to_python,
-                    None if field.null else field.default)
-            for name, field in fields]
-        self.names = [loader.name for loader in self.loaders]
-        self.db_fields = [loader.db_field for loader in self.loaders]
-        #: Per field, the types of stored values that load as they are: the
-        #: field's native type, and ``None`` where it has no default.
-        self.as_is = [
-            frozenset(([_NATIVE[type(field)]] if type(field) in _NATIVE else [])
-                      + ([] if loader.default is not None else [type(None)]))
-            for (_, field), loader in zip(fields, self.loaders)]
+        #: Per field: its name, its name in the database, the type of stored
+        #: values that load as they are (``None``: none), its ``to_python``
+        #: (``None`` where it returns every value as is) and the value of a
+        #: missing or null stored value (a callable is called). Plain tuples,
+        #: read in one loop: the path of every grant and release.
+        self.loaders: tuple[tuple[str, str, Any, Any, Any], ...] = tuple(
+            (name, field.db_field, _NATIVE.get(type(field)),
+             None if type(field).to_python is BaseField.to_python else field.to_python,
+             None if field.null else field.default)
+            for name, field in fields)
 
     def load(self, data: dict[str, Any], raw: dict[str, Any]) -> None:
-        """Set ``data`` (an instance's) from the stored document ``raw``: at
-        once where every value loads as it is, else field by field."""
-        values = list(map(raw.get, self.db_fields))
-        if all(map(frozenset.__contains__, self.as_is, map(type, values))):
-            data.update(zip(self.names, values))
-            return
-        for (name, _, convert, default), value in zip(self.loaders, values):
+        """Set ``data`` (an instance's) from the stored document ``raw``, as
+        ``reload()`` would: a value of the field's native type as it is, any
+        other through the field's ``to_python``, a missing or null one as the
+        field's default."""
+        get = raw.get
+        for name, db_field, native, convert, default in self.loaders:
+            value = get(db_field)
             if value is None:
                 if default is not None:
                     value = default() if callable(default) else default
-            elif convert is not None:
+            elif convert is not None and type(value) is not native:
                 value = convert(value)
             data[name] = value
 
@@ -151,12 +137,18 @@ class _Plain(NamedTuple):
     fields: _Fields
 
 
+#: What _per_class finds before a value is built (a built one may be None).
+_UNBUILT = object()
+
+
 def _per_class(cls: type, key: str, build: Callable[[type], Any]) -> Any:
     """``build(cls)``, built once and kept in the class itself (a subclass
     builds its own)."""
-    if key not in cls.__dict__:
-        type.__setattr__(cls, key, build(cls))
-    return cls.__dict__[key]
+    value = cls.__dict__.get(key, _UNBUILT)
+    if value is _UNBUILT:
+        value = build(cls)
+        type.__setattr__(cls, key, value)
+    return value
 
 
 def _lease_fields(cls: type) -> _Fields:
