@@ -120,6 +120,11 @@ def _target(args: argparse.Namespace, db: Any) -> tuple[Any, str, Callable[[Any]
     return db[args.lock_collection], args.lock_collection, named_kind
 
 
+#: The states ``list`` shows without ``--all``: leases held (or kept by a
+#: minimum hold) and leases that expired unreleased.
+_LISTED = frozenset({"held", "kept", "expired"})
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     """``list``: the held and expired leases (``--all``: released ones too)."""
     out = Out(json_mode=args.json)
@@ -129,11 +134,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         coll, name, kind_of = _target(args, db)
         documents = bool(args.collection)
         flt = DOCUMENT.listed(args.all) if documents else {}
-        limit = args.limit + 1 if args.limit else 0
+        # The named records of every kind share one collection, each kind with
+        # its own fields: what is listed is sorted out by the rows' states.
+        picked = args.all or documents
+        limit = args.limit + 1 if args.limit and picked else 0
         found = run(records(flt, [(DOCUMENT.layout.until, -1), ("_id", 1)], limit),
                     executor_for(coll))
         rows = [row for r in found if r.doc is not None
-                for row in _rows(kind_of(r.doc), r.doc, r.now)]
+                for row in _rows(kind_of(r.doc), r.doc, r.now)
+                if picked or row["state"] in _LISTED]
         unleased = documents and not rows and coll.count_documents(
             {"$or": [{f: {"$exists": True}} for f in DOCUMENT.layout.all]}, limit=1) == 0
     finally:
@@ -148,7 +157,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         if unleased:
             out.line(f"no leases in {what}: none of its documents has a lease field; is it "
                      "the collection of a LockableMixin document?")
-        elif documents and not args.all:
+        elif not args.all:
             out.line(f"no held or expired leases in {what} (--all also lists released ones)")
         else:
             out.line(f"no leases in {what}")

@@ -202,14 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="show held and expired leases",
         description=(
             "Show the held and expired leases of a collection of LockableMixin "
-            "documents (--collection), or of the named locks. Remaining time is "
-            "measured on the server's clock."
+            "documents (--collection), or of the named locks, semaphores and "
+            "read/write locks. Remaining time is measured on the server's clock."
         ),
     )
     _add_server(lister, required=True)
     _add_target(lister)
     lister.add_argument("--all", action="store_true",
-                        help="documents: also list released leases")
+                        help="also list released leases (and semaphores nobody holds)")
     lister.add_argument("--limit", type=_int_in(0, 10**9), default=100, metavar="N",
                         help="list at most this many, latest-ending first (default 100; 0: all)")
     lister.add_argument("--json", action="store_true", help="print a JSON array")

@@ -171,8 +171,12 @@ def test_list_documents_json(db: LockableDB, leases: dict[str, Any]) -> None:
 
 
 def test_list_named_locks(db: LockableDB, named: dict[str, NamedLock]) -> None:
-    rows = {row["id"]: row for row in list_json(db)}
+    # Held and expired only, as for documents; --all adds the released lock.
+    assert {row["id"] for row in list_json(db)} == {"cli-held", "cli-expired"}
+    rows = {row["id"]: row for row in list_json(db, "--all")}
     assert set(rows) == {"cli-held", "cli-expired", "cli-released"}
+    # The limit counts listed rows: the latest-ending first.
+    assert [row["id"] for row in list_json(db, "--limit", "1")] == ["cli-held"]
     row = rows["cli-held"]
     assert row["kind"] == "lock"
     assert row["state"] == "held"
@@ -629,3 +633,8 @@ def test_list_and_release_semaphore_and_read_write_holders(db: LockableDB) -> No
                      "--db", db.db_name)
     assert result.returncode == 0, result.stderr
     assert not reader.owned()
+    # Nobody holds either now: listed with --all only, the semaphore as free.
+    listed = run_cli("list", "--uri", db.uri, "--db", db.db_name, "--json")
+    assert {r["id"] for r in json.loads(listed.stdout)} & {"cli-sem", "cli-rw"} == set()
+    listed = run_cli("list", "--uri", db.uri, "--db", db.db_name, "--json", "--all")
+    assert [r["state"] for r in json.loads(listed.stdout) if r["id"] == "cli-sem"] == ["free"]
