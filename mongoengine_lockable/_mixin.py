@@ -366,7 +366,9 @@ class LockableMixin:
         (or passes to the longest waiting caller in the same write).
 
         "This caller" is the instance's last acquisition, or ``owner``.
-        ``locked_until`` becomes ``None``; ``locked_by`` and ``lock_fence`` stay.
+        ``locked_until`` becomes ``None``; ``locked_by`` and ``lock_fence`` stay
+        (unless a waiter gets the lease in the same write: the record then
+        shows that waiter's owner, next fence and end).
 
         :raises LockNotOwnedError: the caller does not hold an unexpired lease
             now. A lease of the caller's that expired and that nobody took since
