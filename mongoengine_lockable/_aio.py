@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Generator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Generator, Mapping
 from typing import Any, Callable, Protocol, TypeVar
 
 import pymongo
@@ -56,7 +56,17 @@ from pymongo.errors import OperationFailure  # noqa: E402
 from pymongo.write_concern import WriteConcern  # noqa: E402
 
 from ._engine import Lease, Pause, Result, Sleep, Steps  # noqa: E402
-from ._io import Call, Executor, MockIO, MockWaker, bounded, is_mongomock  # noqa: E402
+from ._io import (  # noqa: E402
+    Call,
+    Executor,
+    Hub,
+    MockIO,
+    MockWaker,
+    Waker,
+    _stream_failed,
+    bounded,
+    is_mongomock,
+)
 from ._keepalive import LeaseHandle  # noqa: E402
 from ._named import (  # noqa: E402
     TTL_FIELD,
@@ -225,6 +235,91 @@ async def _ainvoke(call: Call) -> Any:
     return await result
 
 
+class TaskWaker(Waker):
+    """A :class:`~mongoengine_lockable._io.Waker` that a coroutine awaits."""
+
+    def __init__(self, hub: Hub, wants: Any, after: Any) -> None:
+        super().__init__(hub, wants, after)
+        self._flag = asyncio.Event()
+
+    def _wake(self) -> None:
+        self._flag.set()
+
+    async def _pause(self, timeout: float) -> dict[str, Any] | None:
+        self._flag.clear()
+        if not self.events and not self.broken and not self.retry:
+            try:
+                await asyncio.wait_for(self._flag.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        return self._next()
+
+
+async def _until_shutdown(hub: TaskHub) -> AsyncGenerator[None, None]:
+    """Ends the reading of ``hub`` when its event loop shuts down its
+    asynchronous generators: ``asyncio.run`` cancels the loop's tasks first,
+    a loop ended by hand (``shutdown_asyncgens()``, then ``close()``) may
+    not."""
+    try:
+        yield
+    finally:
+        task = hub.task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            hub.shutting_down = True
+            task.cancel()
+            await asyncio.wait([task], timeout=CLEAN_UP_SECONDS)
+
+
+class TaskHub(Hub):
+    """A :class:`~mongoengine_lockable._io.Hub` of an event loop: a task of
+    that loop reads its stream."""
+
+    waker_class = TaskWaker
+
+    def __init__(self, key: Any, source: Any) -> None:
+        super().__init__(key, source)
+        self.loop = asyncio.get_running_loop()
+        self.task: asyncio.Task[Any] | None = None
+        #: The loop is shutting down its asynchronous generators.
+        self.shutting_down = False
+
+    def alive(self) -> bool:
+        return super().alive() and not self.loop.is_closed() and (
+            self.task is None or not self.task.done())
+
+    def _start_reading(self) -> None:
+        self.task = _in_background(self._read_events())
+
+    async def _read_events(self) -> None:
+        stream = self.stream
+        guard = _until_shutdown(self)
+        await guard.__anext__()
+        try:
+            while not self.idle():
+                try:
+                    event = await stream.try_next()
+                except asyncio.CancelledError:
+                    self.failed()
+                    raise
+                except Exception as exc:
+                    _stream_failed(exc, self.client)
+                    self.failed()
+                    return
+                if event is not None:
+                    self.route(event)
+        finally:
+            try:
+                await stream.close()
+            except Exception as exc:  # pragma: no cover - the server went away
+                log.debug("closing a change stream failed: %s", exc)
+            if not self.shutting_down:
+                await guard.aclose()
+
+    @staticmethod
+    def _close_stream(stream: Any) -> None:  # pragma: no cover - see Hub.opened
+        _in_background(stream.close())
+
+
 class AsyncIO(Executor):
     """Answers the engine's requests with pymongo's asyncio client, awaiting
     the calls that :meth:`~mongoengine_lockable._io.Executor.calls` makes of
@@ -236,6 +331,13 @@ class AsyncIO(Executor):
 
     sleep = staticmethod(asyncio.sleep)
 
+    hub_class = TaskHub
+
+    def hub_scope(self) -> Any:
+        """A client is bound to its event loop, and so is a stream: one hub
+        per loop."""
+        return id(asyncio.get_running_loop())
+
     def session(self) -> Any:
         """A session whose operation time a waiter's change stream starts at."""
         return self.collection.database.client.start_session(causal_consistency=False)
@@ -245,17 +347,12 @@ class AsyncIO(Executor):
             return await adrive(self.calls(request, session, wakers), _ainvoke)
 
     def close_later(self, wakers: list[Any], session: Any) -> None:
-        """Close the run's change streams and end its session off the way
-        back to the caller (closing a stream is a round trip)."""
-        if wakers or session is not None:
-            _in_background(_close(wakers, session))
-
-
-async def _close(wakers: list[Any], session: Any) -> None:
-    for waker in wakers:
-        await adrive(waker.closing(), _ainvoke)
-    if session is not None:
-        await session.end_session()
+        """Unregister the run's wakers, and end its session off the way back
+        to the caller."""
+        for waker in wakers:
+            waker.close()
+        if session is not None:
+            _in_background(session.end_session())
 
 
 class AsyncMockIO:

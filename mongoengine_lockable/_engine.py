@@ -23,6 +23,7 @@ import time
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
 
 from pymongo.errors import (
@@ -169,14 +170,18 @@ class ReadMany:
 
 @dataclass(frozen=True)
 class Watch:
-    """Open a change stream of the events ``match`` selects, starting after the
-    last write of this run. Answer: a waker, or ``None`` where the server has no
-    change streams (the caller polls)."""
+    """Be woken by the change events ``match`` selects, from the last write
+    of this run on. Answer: a waker, or ``None`` where the server has no
+    change streams (the caller polls).
+
+    The waiters of a process share a stream of the events ``shared`` selects
+    (for every waiter of one kind on a collection); ``wants`` picks this
+    waiter's among them, as ``match`` would (``None``: all of them).
+    """
 
     match: Filter
-    #: The stream outlives this run: the executor does not close it when the
-    #: run ends (the handle keeps it for its next wait, see :attr:`Lease.streams`).
-    kept: bool = False
+    shared: Filter
+    wants: Optional[Callable[[Mapping[str, Any]], bool]] = None
 
 
 @dataclass(frozen=True)
@@ -203,19 +208,18 @@ Steps = Generator[Request, Any, T]
 
 
 class Waiting:
-    """What a waiter blocks on between attempts: a change stream opened on
-    first use, else polling with :func:`backoff`; and its deadline."""
+    """What a waiter blocks on between attempts: the change events ``watch``
+    asks for, from its first pause on, else polling with :func:`backoff`;
+    and its deadline."""
 
-    def __init__(self, wait: float | None, clock: Callable[[], float], match: Filter,
-                 waker: Any = None, *, keep: bool = False) -> None:
+    def __init__(self, wait: float | None, clock: Callable[[], float], watch: Watch) -> None:
         self.clock = clock
         self.started = clock()
         self.deadline = None if wait is None else self.started + wait
-        self._match = match
-        #: The stream, once opened (or ``waker``: one kept open from an earlier wait).
-        self.waker: Any = waker
-        self._opened = waker is not None
-        self._keep = keep
+        self._watch = watch
+        #: What the executor answered ``watch`` with (``None``: polling).
+        self.waker: Any = None
+        self._opened = False
         self._polls = 0
 
     def waited(self) -> float:
@@ -234,7 +238,7 @@ class Waiting:
         seconds = max(bound, 0.0) if left is None else max(min(bound, left), 0.0)
         if not self._opened:
             self._opened = True
-            self.waker = yield Watch(self._match, kept=self._keep)
+            self.waker = yield self._watch
         if self.waker is None:
             seconds = min(seconds, backoff(self._polls))
             self._polls += 1
@@ -316,13 +320,9 @@ class Lease:
         self.what, self.target = what, target
         self._hooks = _Hooks(subject, on_stored, missing)
         self.held: Held | None = None
-        #: Starts the tickets of this handle's waits, which its change stream
-        #: selects: one stream serves every wait of the handle.
+        #: Starts the tickets of this handle's waits: a wait is woken by the
+        #: change events that grant the lease to a ticket with this prefix.
         self.prefix = new_ticket()[:16]
-        #: Keeps the handle's change stream open between its waits (``take()``
-        #: and ``put(waker)``), where the face supplies one; else each wait
-        #: opens its own.
-        self.streams: Any = None
         #: When a quiet release of this handle last found waiters (monotonic).
         self.contended_at: float | None = None
         #: Whether this handle ever held a lease (for messages).
@@ -490,9 +490,10 @@ class Lease:
         when the holder's lease runs out.
         """
         key = {"documentKey." + k: v for k, v in self.match.items()}
-        kept = None if self.streams is None else self.streams.take()
-        waiting = Waiting(wait, self.clock, combine(key, self.kind.granted_event(self.prefix)),
-                          kept, keep=self.streams is not None)
+        watch = Watch(combine(key, self.kind.granted_event(self.prefix)),
+                      self.kind.granted_event(""),
+                      partial(self.kind.waits_for, self.match, self.prefix))
+        waiting = Waiting(wait, self.clock, watch)
         command = self.kind.acquire(ask, "queue")
         # (sent, server time) of the last answered attempt: a grant learnt
         # later happened after it.
@@ -526,8 +527,9 @@ class Lease:
                 look_at = self.clock() + bound
                 event = yield from waiting.pause(bound)
                 while event is not None and self.kind.earlier_grant(event, ask.ticket):
-                    # The grant of an earlier wait of this handle, whose
-                    # stream outlives it: not news; wait on until look_at.
+                    # The grant of an earlier wait of this handle (the
+                    # process's stream read it recently): not news; wait on
+                    # until look_at.
                     event = yield from waiting.pause(look_at - self.clock())
                 doc = None if event is None else event.get("fullDocument")
                 if doc is not None and self.kind.event_grants(event, ask.ticket):  # type: ignore[arg-type]
@@ -544,9 +546,6 @@ class Lease:
             # Interrupted or cancelled while queued: leave nothing queued or held.
             yield from self._abandon(ask)
             raise
-        finally:
-            if self.streams is not None:
-                self.streams.put(waiting.waker)
 
     def _give_up(
         self, ask: Ask, waiting: Waiting, last: tuple[float, datetime] | None
@@ -979,7 +978,8 @@ def claim(
     :return: the record as granted, the time the grant was sent and the
         seconds waited; ``None`` if none became claimable in time.
     """
-    waiting = Waiting(wait, clock, kind.claim_events())
+    events = kind.claim_events()
+    waiting = Waiting(wait, clock, Watch(events, events))
     while True:
         got = yield from claim_once(kind, spec, ask, extra, clock)
         if got is not None:

@@ -19,10 +19,8 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Generator, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from typing import Any, Callable, TypeVar
@@ -30,7 +28,7 @@ from typing import Any, Callable, TypeVar
 import pymongo
 from pymongo import ReadPreference, ReturnDocument
 from pymongo.client_session import ClientSession
-from pymongo.errors import PyMongoError
+from pymongo.errors import InvalidOperation, PyMongoError
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
@@ -58,9 +56,18 @@ log = logging.getLogger("mongoengine_lockable.io")
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: Longest a change-stream read blocks before the waiter checks its clocks:
-#: the most a waiter's pause can overrun its bound.
-STREAM_AWAIT_MS = 100
+#: Longest a read of a shared change stream blocks (then its reader checks
+#: whether the stream is still used). A waiter's pause does not wait for it.
+STREAM_AWAIT_MS = 1000
+#: How long a shared change stream stays open with no waiter, for the next.
+KEEP_STREAM_SECONDS = 2.0
+#: How long a shared stream keeps the events it read, for waiters that
+#: register after them (a waiter registers right after its write), and at
+#: most how many.
+RECENT_SECONDS = 5.0
+RECENT_EVENTS = 10_000
+#: How often a waiter whose stream failed looks again.
+BROKEN_POLL = 0.05
 
 #: Lease changes are acknowledged by a majority unless the caller says otherwise,
 #: so that a failover cannot roll back a grant the caller was told about.
@@ -101,52 +108,6 @@ def _result(raw: Mapping[str, Any] | None) -> Result:
     return Result(raw[DOC_KEY], raw[NOW_KEY])
 
 
-class ChangeStreamWaker:
-    """What a waiter blocks on with pymongo: a change stream, read until an
-    event, a timeout, or its failure (after which the waiter polls: a pause
-    returns ``None`` at once). Its reads are driver calls (:class:`Call`),
-    sent by the blocking executor and awaited by the asyncio one."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self.broken = False
-
-    @property
-    def usable(self) -> bool:
-        """Neither failed nor closed: another wait can read it."""
-        return not self.broken and bool(self._stream.alive)
-
-    def pausing(self, timeout: float, sleep: Callable[[float], Any]) -> Generator[Call, Any, Any]:
-        """The calls of one pause; ``sleep`` is the executor's."""
-        if self.broken:
-            yield Call(sleep, min(timeout, 0.05))
-            return None
-        end = time.monotonic() + timeout
-        try:
-            while time.monotonic() < end:
-                # Each read waits for at most STREAM_AWAIT_MS (it may end the
-                # pause that much late), and returns as soon as an event comes.
-                event: dict[str, Any] | None = yield Call(self._stream.try_next)
-                if event is not None:
-                    return event
-            return None
-        except PyMongoError as exc:
-            log.warning("change stream failed (%s); polling for the rest of this wait", exc)
-            self.broken = True
-            yield from self.closing()
-            return None
-
-    def closing(self) -> Generator[Call, Any, None]:
-        """The call that closes the stream."""
-        try:
-            yield Call(self._stream.close)
-        except PyMongoError:  # pragma: no cover - closing a dead cursor
-            pass
-
-    def close(self) -> None:
-        drive(self.closing(), _invoke)
-
-
 class Call:
     """One call of an executor: ``method(*args, **kwargs)`` (a driver's
     method, or the executor's ``sleep``). ``listed``: the method returns a
@@ -160,6 +121,305 @@ class Call:
         self.args = args
         self.kwargs = kwargs
         self.listed = listed
+
+
+# -- change streams shared by the waiters of a process -----------------------------------
+
+
+class Waker:
+    """One wait's registration with a :class:`Hub`: the change events it
+    wants, handed to it by the hub, and how its pauses block on them.
+
+    :ivar after: the operation time of the run's last write (the events
+        after it are the waiter's news).
+    :ivar retry: the hub cannot vouch for the events between that write and
+        the registration: the first pause ends at once, so that the waiter
+        looks again (after registering, so nothing is missed from then on).
+    :ivar broken: the stream failed or could not be opened: pauses poll.
+    """
+
+    def __init__(self, hub: Hub, wants: Callable[[Mapping[str, Any]], bool] | None,
+                 after: Any) -> None:
+        self.hub = hub
+        self._wants = wants
+        self.after = after
+        self.events: deque[dict[str, Any]] = deque()
+        self.retry = False
+        self.broken = False
+
+    def wants(self, event: Mapping[str, Any], at: Any) -> bool:
+        """Whether the event made at the cluster time ``at`` is news to this
+        waiter: after its write, and one it waits for."""
+        if at is not None and self.after is not None and not at > self.after:
+            return False
+        return self._wants is None or self._wants(event)
+
+    def deliver(self, event: dict[str, Any]) -> None:
+        """(Under the hub's lock.)"""
+        self.events.append(event)
+        self._wake()
+
+    def fail(self) -> None:
+        """(Under the hub's lock.)"""
+        self.broken = True
+        self._wake()
+
+    def look_again(self) -> None:
+        """(Under the hub's lock.) End the next pause (or this one) at once."""
+        self.retry = True
+        self._wake()
+
+    def _next(self) -> dict[str, Any] | None:
+        """What a pause returns (under the hub's lock, or in the loop)."""
+        if self.retry:
+            self.retry = False
+            return None
+        return self.events.popleft() if self.events else None
+
+    def _wake(self) -> None:
+        raise NotImplementedError
+
+    def _pause(self, timeout: float) -> Any:
+        raise NotImplementedError
+
+    def pausing(self, timeout: float, sleep: Callable[[float], Any]) -> Generator[Call, Any, Any]:
+        """The call of one pause (``sleep`` is the executor's): the next event
+        handed to this waker, or ``None`` after ``timeout`` seconds."""
+        if self.retry:
+            self.retry = False
+            return None
+        if self.broken:
+            yield Call(sleep, min(timeout, BROKEN_POLL))
+            return None
+        event = yield Call(self._pause, timeout)
+        return event
+
+    def close(self) -> None:
+        """The wait is over: the hub forgets it."""
+        self.hub.remove(self)
+
+
+class ThreadWaker(Waker):
+    """A :class:`Waker` that blocks a thread."""
+
+    def __init__(self, hub: Hub, wants: Any, after: Any) -> None:
+        super().__init__(hub, wants, after)
+        self._cond = threading.Condition(hub.lock)
+
+    def _wake(self) -> None:
+        self._cond.notify()
+
+    def _pause(self, timeout: float) -> dict[str, Any] | None:
+        with self._cond:
+            if not self.events and not self.broken and not self.retry:
+                self._cond.wait(timeout)
+            return self._next()
+
+
+class Hub:
+    """One change stream of a collection, shared by the waiters of a process
+    (of an event loop, with asyncio) that wait for the events its filter
+    selects; each waiter gets those it wants (:class:`Waker`).
+
+    The first waiter opens the stream from its own last write on; later
+    waiters register after their last write and get the events after it:
+    those the hub has read already (it keeps them for
+    :data:`RECENT_SECONDS`) at once, later ones as they come. Unused for
+    :data:`KEEP_STREAM_SECONDS`, the stream is closed. A waiter never depends
+    on its events (it looks again at its refresh interval anyway): a failed
+    stream costs time, not correctness.
+    """
+
+    waker_class: type[Waker] = ThreadWaker
+
+    def __init__(self, key: Any, source: Filter) -> None:
+        self.key = key
+        #: The filter of the stream.
+        self.source = source
+        self.lock = threading.Lock()
+        self.wakers: list[Waker] = []
+        #: (cluster time, arrival, event) of the events read lately.
+        self.recent: deque[tuple[Any, float, dict[str, Any]]] = deque()
+        #: Every event after this cluster time is in ``recent`` or still to
+        #: be read (``None``: not known yet).
+        self.complete_from: Any = None
+        self.state = "new"  # then "opening", "open", and "closed" for good
+        self.stream: Any = None
+        self.client: Any = None
+        self.idle_since = time.monotonic()
+        #: The registry that hands it out (:class:`Hubs`).
+        self.registry: Hubs | None = None
+
+    def alive(self) -> bool:
+        """Whether waiters may still register (a closed hub is replaced)."""
+        return self.state != "closed"
+
+    def add(self, waker: Waker) -> str | None:
+        """Register ``waker``: ``"open"`` when its caller is to open the stream
+        (:meth:`opened` or :meth:`failed` next), ``"closed"`` when this hub
+        closed meanwhile, else ``None``."""
+        with self.lock:
+            if self.state == "closed":
+                return "closed"
+            self.wakers.append(waker)
+            if self.state == "new":
+                self.state = "opening"
+                return "open"
+            if self.state == "open":
+                self._cover(waker)
+            return None  # (while opening: covered once opened)
+
+    def _cover(self, waker: Waker) -> None:
+        """Hand ``waker`` the events after its write that were read already;
+        where some may be missing, its first pause ends at once."""
+        after = waker.after
+        if after is None or self.complete_from is None or after < self.complete_from:
+            waker.look_again()
+            return
+        for at, _, event in self.recent:
+            if waker.wants(event, at):
+                waker.deliver(event)
+
+    def opened(self, stream: Any, start: Any, client: Any = None) -> None:
+        """The stream (of ``client``) is open, from the cluster time ``start`` on."""
+        self.client = client
+        with self.lock:
+            if self.state == "closed":  # pragma: no cover - failed meanwhile
+                close = True
+            else:
+                close = False
+                self.stream, self.state, self.complete_from = stream, "open", start
+                for waker in self.wakers:
+                    self._cover(waker)
+        if close:
+            self._close_stream(stream)
+        else:
+            self._start_reading()
+
+    def failed(self) -> None:
+        """The stream could not be opened, or failed: its waiters poll for
+        the rest of their waits; the next wait opens a new one."""
+        with self.lock:
+            self.state = "closed"
+            for waker in self.wakers:
+                waker.fail()
+            self.wakers = []
+        if self.registry is not None:
+            self.registry.forget(self)
+
+    def remove(self, waker: Waker) -> None:
+        with self.lock:
+            if waker in self.wakers:
+                self.wakers.remove(waker)
+                if not self.wakers:
+                    self.idle_since = time.monotonic()
+
+    def route(self, event: dict[str, Any]) -> None:
+        """Hand a change event that the stream read to the waiters that want it."""
+        at = event.get("clusterTime")
+        now = time.monotonic()
+        with self.lock:
+            recent = self.recent
+            recent.append((at, now, event))
+            while recent and (len(recent) > RECENT_EVENTS or now - recent[0][1] > RECENT_SECONDS):
+                dropped = recent.popleft()[0]
+                if dropped is not None and (self.complete_from is None
+                                            or dropped > self.complete_from):
+                    self.complete_from = dropped
+            for waker in self.wakers:
+                if waker.wants(event, at):
+                    waker.deliver(event)
+
+    def idle(self) -> bool:
+        """Whether the hub is unused for long enough (then it is closed, and
+        the caller closes its stream) or failed."""
+        with self.lock:
+            if self.state == "closed":
+                return True
+            if self.wakers or time.monotonic() - self.idle_since < KEEP_STREAM_SECONDS:
+                return False
+            self.state = "closed"
+        if self.registry is not None:
+            self.registry.forget(self)
+        return True
+
+    def _start_reading(self) -> None:
+        threading.Thread(target=self._read, name="lockable-stream", daemon=True).start()
+
+    def _read(self) -> None:
+        stream = self.stream
+        try:
+            while not self.idle():
+                try:
+                    event = stream.try_next()
+                except Exception as exc:
+                    _stream_failed(exc, self.client)
+                    self.failed()
+                    return
+                if event is not None:
+                    self.route(event)
+        finally:
+            self._close_stream(stream)
+
+    @staticmethod
+    def _close_stream(stream: Any) -> None:
+        try:
+            stream.close()
+        except Exception as exc:  # pragma: no cover - the server went away
+            log.debug("closing a change stream failed: %s", exc)
+
+
+def _stream_failed(exc: Exception, client: Any) -> None:
+    if isinstance(exc, InvalidOperation) or getattr(client, "_closed", False):
+        # The client was closed (its application is done with it).
+        log.debug("change stream ended: %s", exc)
+    else:
+        log.warning("change stream failed (%s); its waiters poll until they wait again", exc)
+
+
+class Hubs:
+    """The open hubs of the process, by client, collection, filter of their
+    stream and, with asyncio, event loop."""
+
+    def __init__(self) -> None:
+        self._reset()
+        if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        """A forked child has none of its parent's streams, nor a lock that a
+        parent's thread may have held as it forked."""
+        self._lock = threading.Lock()
+        self._hubs: dict[Any, Hub] = {}
+
+    def register(self, hub_class: type[Hub], scope: Any, collection: Any, request: Watch,
+                 after: Any) -> tuple[Waker, bool]:
+        """A waker for ``request`` registered with its hub, and whether the
+        caller is to open that hub's stream."""
+        key = (os.getpid(), scope, id(collection.database.client), collection.full_name,
+               repr(request.shared))
+        while True:
+            with self._lock:
+                hub = self._hubs.get(key)
+                if hub is None or not hub.alive():
+                    hub = self._hubs[key] = hub_class(key, request.shared)
+                    hub.registry = self
+            waker = hub.waker_class(hub, request.wants, after)
+            outcome = hub.add(waker)
+            if outcome != "closed":
+                return waker, outcome == "open"
+
+    def forget(self, hub: Hub) -> None:
+        with self._lock:
+            if self._hubs.get(hub.key) is hub:
+                del self._hubs[hub.key]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(1 for key in self._hubs if key[0] == os.getpid())
+
+
+_HUBS = Hubs()
 
 
 class Executor:
@@ -182,6 +442,13 @@ class Executor:
 
     #: How the executor sleeps (``time.sleep``, ``asyncio.sleep``).
     sleep: Callable[[float], Any] = staticmethod(time.sleep)
+    #: The hubs of its waiters' change streams (a thread reads each).
+    hub_class: type[Hub] = Hub
+
+    def hub_scope(self) -> Any:
+        """What besides the process a hub is shared within (asyncio: the
+        event loop)."""
+        return None
 
     def localize(self, flt: Filter) -> Filter:
         """``flt`` as a queryset of the caller's may run it (unchanged: the
@@ -204,9 +471,11 @@ class Executor:
     def calls(self, request: Any, session: Any, wakers: list[Any]) -> Generator[Call, Any, Any]:
         """The calls that answer one of the engine's requests, and the answer:
         one driver call, or two for a retried write that came back without its
-        projection; a :class:`Watch` answers a :class:`ChangeStreamWaker`
-        (added to ``wakers``), or ``None`` where the server has no change
-        streams; a :class:`Pause` reads that stream, a :class:`Sleep` sleeps.
+        projection; a :class:`Watch` answers a :class:`Waker` registered with
+        the process's stream of those events (opened by the first waiter;
+        added to ``wakers``, which the run closes when it ends), or ``None``
+        where the server has no change streams; a :class:`Pause` blocks on
+        the waker, a :class:`Sleep` sleeps.
 
         The blocking and the asyncio executors both make exactly these calls
         (:func:`drive` sends them, the asyncio executor awaits them): one copy
@@ -250,23 +519,29 @@ class Executor:
                               **_find_options(request))
             return [_result(d) for d in docs] if request.with_now else docs
         if isinstance(request, Watch):
-            try:
-                stream = yield Call(
-                    self.collection.watch,
-                    pipeline=[{"$match": request.match}],
-                    full_document="updateLookup",
-                    max_await_time_ms=STREAM_AWAIT_MS,
-                    start_at_operation_time=None if session is None else session.operation_time,
-                    # A kept stream outlives the run's session.
-                    session=None if request.kept else session,
-                )
-            except PyMongoError as exc:
-                # A standalone server has no change streams.
-                log.debug("no change stream on %s (%s): polling", self.collection.full_name, exc)
-                return None
-            waker = ChangeStreamWaker(stream)
-            if not request.kept:
-                wakers.append(waker)
+            after = None if session is None else session.operation_time
+            waker, opening = _HUBS.register(self.hub_class, self.hub_scope(), self.collection,
+                                            request, after)
+            if opening:
+                try:
+                    stream = yield Call(
+                        self.collection.watch,
+                        pipeline=[{"$match": request.shared}],
+                        full_document="updateLookup",
+                        max_await_time_ms=STREAM_AWAIT_MS,
+                        start_at_operation_time=after,
+                    )
+                except PyMongoError as exc:
+                    # A standalone server has no change streams.
+                    log.debug("no change stream on %s (%s): polling",
+                              self.collection.full_name, exc)
+                    waker.hub.failed()
+                    return None
+                except BaseException:
+                    waker.hub.failed()
+                    raise
+                waker.hub.opened(stream, after, self.collection.database.client)
+            wakers.append(waker)
             return waker
         raise TypeError(f"unknown request {request!r}")  # pragma: no cover
 
@@ -557,142 +832,10 @@ def run(steps: Steps[T], io: SyncIO, *, track: bool = False) -> T:
     try:
         return drive(steps, io.do, session, wakers)
     finally:
-        if wakers:
-            # Closing a change stream is a round trip (killCursors): not on the
-            # way back to a caller that was just granted its lease.
-            _closing().submit(_close, wakers, session)
-        elif session is not None:
-            session.end_session()
-
-
-_closer: tuple[int, ThreadPoolExecutor] | None = None
-_closer_lock = threading.Lock()
-
-
-def _closing() -> ThreadPoolExecutor:
-    """The one background thread that closes finished waiters' streams (one
-    per process: a forked child starts its own)."""
-    global _closer
-    with _closer_lock:
-        if _closer is None or _closer[0] != os.getpid():
-            _closer = (os.getpid(), ThreadPoolExecutor(max_workers=1,
-                                                        thread_name_prefix="lockable-closer"))
-        return _closer[1]
-
-
-#: How long a handle keeps its change stream open after a wait, for its next.
-KEEP_STREAM_SECONDS = 2.0
-
-
-class KeptStream:
-    """One handle's change stream, kept open between its waits: a caller
-    that waits again soon (a worker taking a contended lock in a loop) finds
-    it open, and the server does not set up a stream per wait. Unused for
-    :data:`KEEP_STREAM_SECONDS`, it is closed; a forked child drops its
-    parent's."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waker: Any = None
-        self._due = 0.0
-        self._pid = os.getpid()
-
-    def take(self) -> Any:
-        """The kept stream (``None``: none), which the caller now holds."""
-        with self._lock:
-            waker, self._waker = self._waker, None
-        if waker is None or self._pid != os.getpid():
-            return None  # (a parent's stream is left to the parent)
-        if not waker.usable:
-            _discard(waker)
-            return None
-        return waker
-
-    def put(self, waker: Any) -> None:
-        """Keep ``waker`` (one that failed or closed is closed instead)."""
-        if waker is None:
-            return
-        if self._pid != os.getpid():
-            return
-        if not waker.usable:
-            _discard(waker)
-            return
-        with self._lock:
-            old, self._waker = self._waker, waker
-            self._due = time.monotonic() + KEEP_STREAM_SECONDS
-        if old is not None and old is not waker:
-            _discard(old)
-        _expiring().add(self)
-
-    def expire(self, now: float) -> bool:
-        """Close the stream if unused since its time ran out; whether one is
-        still kept."""
-        with self._lock:
-            if self._waker is None:
-                return False
-            if now < self._due:
-                return True
-            waker, self._waker = self._waker, None
-        _discard(waker)
-        return False
-
-
-class _Expiry:
-    """The thread that closes kept streams when their time runs out (one per
-    process, running while some are kept)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._kept: weakref.WeakSet[KeptStream] = weakref.WeakSet()
-        self._running = False
-
-    def add(self, kept: KeptStream) -> None:
-        with self._lock:
-            self._kept.add(kept)
-            if not self._running:
-                self._running = True
-                threading.Thread(target=self._run, name="lockable-streams", daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(KEEP_STREAM_SECONDS / 4)
-            now = time.monotonic()
-            with self._lock:
-                kept = list(self._kept)
-            left = [k for k in kept if k.expire(now)]
-            with self._lock:
-                for k in kept:
-                    if k not in left:
-                        self._kept.discard(k)
-                if not self._kept:
-                    self._running = False
-                    return
-
-
-_expiry: tuple[int, _Expiry] | None = None
-
-
-def _expiring() -> _Expiry:
-    global _expiry
-    with _closer_lock:
-        if _expiry is None or _expiry[0] != os.getpid():
-            _expiry = (os.getpid(), _Expiry())
-        return _expiry[1]
-
-
-def _discard(waker: Any) -> None:
-    """Close ``waker`` in the background (a round trip: killCursors)."""
-    _closing().submit(_close, [waker], None)
-
-
-def _close(wakers: list[Any], session: Any) -> None:
-    for waker in wakers:
-        try:
+        for waker in wakers:
             waker.close()
-        except Exception as exc:  # pragma: no cover - the server went away
-            log.debug("closing a change stream failed: %s", exc)
-    if session is not None:
-        session.end_session()
+        if session is not None:
+            session.end_session()
 
 
 Blocking = Callable[[Steps[T]], T]

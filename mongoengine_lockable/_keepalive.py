@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from ._engine import Lease, Result
-from ._io import KeptStream, SyncIO, run
+from ._io import SyncIO, run
 from ._rules import View
 
 __all__ = ["BlockingLease", "Keeper", "LeaseHandle", "keeper"]
@@ -171,8 +171,6 @@ class BlockingLease(LeaseHandle):
 
     def __init__(self, lease: Lease, io: SyncIO) -> None:
         super().__init__(lease, io)
-        # A blocking handle keeps its change stream between waits.
-        lease.streams = KeptStream()
         #: The sequence number of this lease's scheduled renewal (``None``: none).
         self._keep_seq: int | None = None
         self._forever = False

@@ -98,6 +98,14 @@ PICKUP_MS = 800
 _ALL = 2**31 - 1
 
 
+def _path(doc: Mapping[str, Any], path: str) -> Any:
+    """The value at the dotted ``path`` of ``doc`` (``None``: none)."""
+    value: Any = doc
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
 def combine(*parts: Mapping[str, Any]) -> Filter:
     """AND filters together, flat when their keys do not collide."""
     if len(parts) == 2 and parts[0].keys().isdisjoint(parts[1]):
@@ -475,6 +483,25 @@ class Kind:
         """Whether the change event ``event`` is the write that granted the
         lease to ``ticket`` (its own change, not the record looked up later)."""
         return bool(self._granted_in(event) == ticket)
+
+    def _grants_prefix(self, granted: str, prefix: str) -> bool:
+        """Whether the grant ``granted`` (as :meth:`_granted_in` reads it) is
+        to a ticket that starts with ``prefix``."""
+        return granted.startswith(prefix)
+
+    def waits_for(self, record: Mapping[str, Any], prefix: str,
+                  event: Mapping[str, Any]) -> bool:
+        """Whether ``event`` is one that ``granted_event(prefix)`` selects on the
+        record ``record`` names (its ``_id``, and its shard key): what a
+        stream shared by many waiters (selecting ``granted_event("")``) hands
+        to the waiter with ``prefix``."""
+        key = event.get("documentKey") or {}
+        if not all(_path(key, k) == v for k, v in record.items()):
+            return False
+        if event.get("operationType") == "delete":
+            return True
+        granted = self._granted_in(event)
+        return isinstance(granted, str) and self._grants_prefix(granted, prefix)
 
     def earlier_grant(self, event: Mapping[str, Any], ticket: str) -> bool:
         """Whether ``event`` (selected by :meth:`granted_event`) granted
@@ -1155,6 +1182,9 @@ class SharedKind(Kind):
             {"operationType": "replace", "fullDocument." + granted: among},
             {"operationType": "delete"},
         ]}
+
+    def _grants_prefix(self, granted: str, prefix: str) -> bool:
+        return f" {prefix}" in granted
 
     def event_grants(self, event: Mapping[str, Any], ticket: str) -> bool:
         """As :meth:`Kind.event_grants`: ``granted`` lists the admitted tickets."""

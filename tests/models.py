@@ -444,18 +444,33 @@ class MixedFields(LockableMixin, Document):
 
 
 class CommandRecorder(monitoring.CommandListener):
-    """Records the commands started on a client (a pymongo ``CommandListener``)."""
+    """Records the commands started on a client (a pymongo ``CommandListener``).
+
+    The reads of change streams (``getMore`` on a stream's cursor) are left
+    out: the process's stream of a collection reads on its own thread while
+    it is open, whoever waits.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._events: list[monitoring.CommandStartedEvent] = []
+        self._opening: set[int] = set()  # request ids of change-stream aggregates
+        self._streams: set[int] = set()  # their cursor ids
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         with self._lock:
+            if event.command_name == "aggregate" and "$changeStream" in repr(
+                    event.command.get("pipeline")):
+                self._opening.add(event.request_id)
+            if event.command_name == "getMore" and event.command["getMore"] in self._streams:
+                return
             self._events.append(event)
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        pass
+        with self._lock:
+            if event.request_id in self._opening:
+                self._opening.discard(event.request_id)
+                self._streams.add(event.reply["cursor"]["id"])
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         pass

@@ -622,6 +622,101 @@ def test_the_default_client_serves_each_asyncio_run(lockable_real_db: Any) -> No
     assert NamedLock.is_free("two-runs")
 
 
+def _stream_hubs() -> list[Any]:
+    from mongoengine_lockable import _io
+
+    return [hub for hub in list(_io._HUBS._hubs.values())
+            if isinstance(hub, _aio.TaskHub) and hub.alive()]
+
+
+@needs_aio
+def test_the_coroutines_of_a_loop_wait_on_one_change_stream(lockable_real_db: Any) -> None:
+    """Twenty coroutines queued for one lock, and others for another lock,
+    are woken through one change stream of the loop (one ``aggregate`` with
+    ``$changeStream``), each by its own grant, in the order they queued."""
+    opened: list[Any] = []
+
+    class Listener(pymongo.monitoring.CommandListener):
+        def started(self, event: Any) -> None:
+            if event.command_name == "aggregate" and "$changeStream" in repr(
+                    event.command.get("pipeline")):
+                opened.append(event.command)
+
+        def succeeded(self, event: Any) -> None:
+            pass
+
+        def failed(self, event: Any) -> None:
+            pass
+
+    async def main() -> list[int]:
+        client: Any = pymongo.AsyncMongoClient(lockable_real_db.uri,
+                                               event_listeners=[Listener()])
+        try:
+            database = client[lockable_real_db.db_name]
+            holder = AsyncNamedLock("shared-stream", 30, database=database)
+            other = AsyncNamedLock("shared-stream-2", 30, database=database)
+            assert await holder.acquire() and await other.acquire()
+            order: list[int] = []
+
+            async def waiter(i: int, name: str) -> None:
+                lock = AsyncNamedLock(name, 30, wait=30, database=database)
+                assert await lock.acquire()
+                order.append(i)
+                await lock.release()
+
+            tasks = []
+            for i in range(20):
+                tasks.append(asyncio.ensure_future(waiter(i, "shared-stream")))
+                tasks.append(asyncio.ensure_future(waiter(100 + i, "shared-stream-2")))
+                await asyncio.sleep(0.01)  # queued in this order
+            await until(lambda: _queue_length_at_least(database, "shared-stream", 20),
+                        "20 queued")
+            assert len(_stream_hubs()) == 1
+            await holder.release()
+            await other.release()
+            await asyncio.gather(*tasks)
+            return order
+        finally:
+            await client.close()
+
+    order = run(main())
+    assert [i for i in order if i < 100] == list(range(20))
+    assert [i for i in order if i >= 100] == list(range(100, 120))
+    assert len(opened) == 1, opened
+
+
+async def _queue_length_at_least(database: Any, name: str, n: int) -> bool:
+    doc = await database[DEFAULT_COLLECTION].find_one({"_id": name})
+    return doc is not None and len(doc.get("waiters") or []) >= n
+
+
+@needs_aio
+def test_a_loop_ended_by_hand_stops_the_reading_of_its_stream(lockable_real_db: Any) -> None:
+    """``shutdown_asyncgens()`` then ``close()``, without cancelling the
+    loop's tasks: the task reading the loop's change stream ends all the
+    same (no task is destroyed pending)."""
+    loop = asyncio.new_event_loop()
+    lock, waiter = AsyncNamedLock("by-hand", 30), AsyncNamedLock("by-hand", 30, wait=10)
+
+    async def handed_over() -> None:
+        assert await lock.acquire()
+        later = asyncio.get_running_loop().call_later(0.2, asyncio.ensure_future,
+                                                      lock.release())
+        assert await waiter.acquire()
+        await waiter.release()
+        later.cancel()
+
+    try:
+        loop.run_until_complete(handed_over())
+        (hub,) = [h for h in list(_stream_hubs()) if h.loop is loop]
+        assert hub.task is not None and not hub.task.done()
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        assert hub.task.done() and not hub.alive()
+    finally:
+        loop.close()
+    assert NamedLock.is_free("by-hand")
+
+
 @needs_aio
 def test_an_explicit_database_is_used_as_given(lockable_real_db: Any) -> None:
     async def main() -> None:

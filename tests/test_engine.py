@@ -17,7 +17,7 @@ from typing import Any, Callable
 import pytest
 from pymongo.errors import AutoReconnect, OperationFailure
 
-from mongoengine_lockable import LockNotOwnedError, _io, signals
+from mongoengine_lockable import LockNotOwnedError, signals
 from mongoengine_lockable._engine import (
     Lease,
     Modify,
@@ -265,34 +265,22 @@ def grant_event(ticket: str, at: datetime) -> dict[str, Any]:
                                    until=at + timedelta(milliseconds=PICKUP_MS))}
 
 
-class Kept:
-    """A handle's keeper of its stream between waits (as ``_io.KeptStream``)."""
-
-    def __init__(self) -> None:
-        self.waker: Any = None
-
-    def take(self) -> Any:
-        waker, self.waker = self.waker, None
-        return waker
-
-    def put(self, waker: Any) -> None:
-        self.waker = waker
-
-
-def test_a_handle_waits_on_one_stream_and_skips_its_earlier_grants() -> None:
-    """The stream selects every wait of the handle (its ticket prefix): it is
-    opened once, kept between waits, and the event of an earlier wait's grant
-    neither ends a wait nor costs a write."""
+def test_each_wait_of_a_handle_skips_the_grants_of_its_earlier_waits() -> None:
+    """A wait asks for the grants to its handle's tickets (their prefix) on
+    its record, out of the process's stream of all grants; the event of an
+    earlier wait's grant (which that stream read lately) neither ends a wait
+    nor costs a write."""
     clock = Clock()
     handed = SERVER + timedelta(milliseconds=400)
     events: list[dict[str, Any]] = []
+    watches: list[Watch] = []
 
     def answer(request: Any) -> Any:
         if isinstance(request, Modify):
             answer.ticket = _queue_ticket(request)  # type: ignore[attr-defined]
             return queued(request, SERVER + timedelta(seconds=60), head=False)
         if isinstance(request, Watch):
-            assert request.kept
+            watches.append(request)
             return "waker"
         assert isinstance(request, Pause) and request.waker == "waker"
         clock.now += 0.01
@@ -300,19 +288,24 @@ def test_a_handle_waits_on_one_stream_and_skips_its_earlier_grants() -> None:
 
     script = Script(clock, answer)
     handle = lease(clock)
-    handle.streams = Kept()
     assert script.run(handle.acquire("me", 5000, wait=60)) is not None
     first = answer.ticket  # type: ignore[attr-defined]
     assert first.startswith(handle.prefix)
     assert script.kinds() == ["Modify", "Watch", "Pause"]
-    assert handle.streams.waker == "waker"  # kept for the next wait
+    watch = watches[0]
+    assert watch.shared == KIND.granted_event("")
+    mine = {**grant_event(first, handed), "documentKey": dict(handle.match)}
+    assert watch.wants is not None and watch.wants(mine)
+    assert not watch.wants({**mine, "documentKey": {"_id": "another"}})
+    other = {**grant_event("x" + first, handed), "documentKey": dict(handle.match)}
+    assert not watch.wants(other)  # another handle's ticket
     handle.held = None
     script.requests.clear()
-    # The next wait: the same stream; first the event of the earlier grant.
+    # The next wait: first the event of the earlier grant.
     events.append(grant_event(first, handed))
     assert script.run(handle.acquire("me", 5000, wait=60)) is not None
     assert answer.ticket != first and answer.ticket.startswith(handle.prefix)  # type: ignore[attr-defined]
-    assert script.kinds() == ["Modify", "Pause", "Pause"]  # no Watch, no second write
+    assert script.kinds() == ["Modify", "Watch", "Pause", "Pause"]  # no second write
     assert handle.held is not None and handle.held.ticket == answer.ticket  # type: ignore[attr-defined]
 
 
@@ -456,23 +449,3 @@ def test_keepalive_fires_lock_lost_when_a_renewal_finds_the_lease_gone(
     clock.now += handle.keepalive_delay() or 0
     assert Script(clock, lambda r: Result(None, None)).run(handle.keep()) is None
     assert [name for name, _ in received].count("lock_lost") == 1
-
-
-class FakeWaker:
-    usable = True
-    closed = False
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def test_a_kept_stream_is_left_to_the_process_that_opened_it() -> None:
-    kept = _io.KeptStream()
-    waker = FakeWaker()
-    kept.put(waker)
-    assert kept.take() is waker
-    kept.put(waker)
-    kept._pid = -1  # as a forked child sees its parent's keeper
-    assert kept.take() is None and not waker.closed
-    kept.put(FakeWaker())  # nor does the child keep its own there
-    assert kept.take() is None

@@ -16,7 +16,6 @@ import pytest
 from mongoengine.context_managers import switch_db
 
 from mongoengine_lockable import LockUnavailableError, _engine, _io
-from mongoengine_lockable._document import document_lease
 
 from models import CommandRecorder, Job, TenantJob, W1Job, recorded_alias
 
@@ -271,48 +270,60 @@ def _stream_opens(recorder) -> int:
                if c.get("aggregate") and "$changeStream" in repr(c.get("pipeline")))
 
 
-def test_the_waits_of_one_instance_share_one_change_stream(RJob, recorder, monkeypatch):
-    """A caller that waits again soon finds its stream open (one
-    ``aggregate`` for every wait); unused for KEEP_STREAM_SECONDS, it is
-    closed (``killCursors``)."""
+def _hubs_of(model) -> list[_io.Hub]:
+    """The open stream hubs of ``model``'s client."""
+    client = id(model._get_collection().database.client)
+    return [h for h in list(_io._HUBS._hubs.values()) if h.alive() and h.key[2] == client]
+
+
+def _handed_over(job, waiter) -> None:
+    """``job`` is locked and released 0.3 s later; ``waiter`` waits for it."""
+    assert job.lock(30) is True
+    releasing = threading.Timer(0.3, job.release)
+    releasing.start()
+    assert waiter.lock(30, wait=10) is True  # handed over by the release
+    releasing.join()
+    waiter.release()
+
+
+def test_the_waits_of_a_process_share_one_change_stream(RJob, recorder, monkeypatch):
+    """Every wait of the process on the collection, by one instance again
+    and again or by several at once, is woken through one change stream
+    (one ``aggregate``); unused for KEEP_STREAM_SECONDS, it is closed
+    (``killCursors``), and the next wait opens a new one."""
     monkeypatch.setattr(_io, "KEEP_STREAM_SECONDS", 0.4)
-    job = saved(RJob, recorder, payload="x")
+    job, other = saved(RJob, recorder, payload="x"), saved(RJob, recorder, payload="y")
     waiter = RJob.objects.get(pk=job.pk)
     for _ in range(3):
-        assert job.lock(30) is True
-        releasing = threading.Timer(0.3, job.release)
-        releasing.start()
-        assert waiter.lock(30, wait=10) is True  # handed over by the release
-        releasing.join()
-        waiter.release()
+        _handed_over(job, waiter)
+    both = [threading.Thread(target=_handed_over, args=(job, waiter)),
+            threading.Thread(target=_handed_over, args=(other, RJob.objects.get(pk=other.pk)))]
+    for thread in both:
+        thread.start()
+    for thread in both:
+        thread.join(timeout=30)
     assert _stream_opens(recorder) == 1, recorder.names
     deadline = time.monotonic() + 10
     while "killCursors" not in recorder.names and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "killCursors" in recorder.names  # closed once unused
-    # The next wait opens a new one.
-    assert job.lock(30) is True
-    releasing = threading.Timer(0.3, job.release)
-    releasing.start()
-    assert waiter.lock(30, wait=10) is True
-    releasing.join()
-    waiter.release()
+    assert _hubs_of(RJob) == []
+    _handed_over(job, waiter)
     assert _stream_opens(recorder) == 2, recorder.names
 
 
-def test_a_kept_stream_that_was_closed_is_not_used_again(RJob, recorder):
+def test_a_failed_stream_is_replaced_by_the_next_wait(RJob, recorder):
+    """When the process's stream fails (here: closed under its reader), its
+    waiters poll for the rest of their waits and the next wait opens a new
+    stream."""
     job = saved(RJob, recorder, payload="x")
     waiter = RJob.objects.get(pk=job.pk)
-    for closing in (False, True):
-        assert job.lock(30) is True
-        releasing = threading.Timer(0.3, job.release)
-        releasing.start()
-        assert waiter.lock(30, wait=10) is True
-        releasing.join()
-        waiter.release()
-        kept = document_lease(waiter).lease.streams._waker
-        assert kept is not None and kept.usable
-        if not closing:
-            kept.close()  # as a failover or the server could end it
-            assert not kept.usable
+    _handed_over(job, waiter)
+    (hub,) = _hubs_of(RJob)
+    hub.stream.close()
+    deadline = time.monotonic() + 10
+    while hub.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not hub.alive()
+    _handed_over(job, waiter)
     assert _stream_opens(recorder) == 2, recorder.names

@@ -29,6 +29,7 @@ from mongoengine_lockable._rules import (
     DocumentKind,
     Holding,
     NamedKind,
+    SharedKind,
     new_owner,
     new_ticket,
     parse_owner,
@@ -208,6 +209,58 @@ def test_a_waiters_stream_hears_the_grants_of_its_handles_waits() -> None:
     assert not DOC.earlier_grant({"operationType": "delete"}, "ab12f1")
     replaced = {"operationType": "replace", "fullDocument": {"lock_token": "ab12f0"}}
     assert rulecheck.matches(match, replaced, NOW) and DOC.event_grants(replaced, "ab12f0")
+
+
+def _stream_events(kind: Any) -> list[dict[str, Any]]:
+    """Change events of every sort a lease's stream may see, on the records
+    ``x`` and ``y``: grants to tickets with and without the prefix ``ab12``,
+    writes that grant nothing, a replacement, deletes and an insert."""
+    field = kind.layout.token
+
+    def granting(ticket: Any, ident: str = "x") -> list[dict[str, Any]]:
+        listed = f" {ticket} " if isinstance(kind, SharedKind) and ticket else ticket
+        return [{"operationType": "update", "documentKey": {"_id": ident},
+                 "updateDescription": {"updatedFields": {field: listed}}},
+                {"operationType": "replace", "documentKey": {"_id": ident},
+                 "fullDocument": {"_id": ident, field: listed}}]
+
+    return [
+        *granting("ab12f0"), *granting("ab12f0", "y"), *granting("cab12f0"),
+        *granting("zz00ab12"), *granting(None),
+        {"operationType": "update", "documentKey": {"_id": "x"},
+         "updateDescription": {"updatedFields": {kind.layout.waiters: []}}},
+        {"operationType": "update", "documentKey": {"_id": "x"},
+         "updateDescription": {"updatedFields": {}, "removedFields": [field]}},
+        {"operationType": "delete", "documentKey": {"_id": "x"}},
+        {"operationType": "delete", "documentKey": {"_id": "y"}},
+        {"operationType": "insert", "documentKey": {"_id": "x"},
+         "fullDocument": {"_id": "x", field: "ab12f0"}},
+    ]
+
+
+@pytest.mark.parametrize("kind", [DOC, NAMED, SharedKind.semaphore(3), SharedKind.writer()],
+                         ids=["document", "named", "semaphore", "rwlock"])
+def test_a_shared_stream_hands_each_waiter_what_its_own_stream_would_select(kind: Any) -> None:
+    """The process's stream selects ``granted_event("")``; ``waits_for`` picks
+    from it exactly what a stream of the waiter's own (its record's key and
+    ``granted_event(prefix)``) would select."""
+    own = {"documentKey._id": "x", **kind.granted_event("ab12")}
+    shared = kind.granted_event("")
+    events = _stream_events(kind)
+    picked = [e for e in events if rulecheck.matches(shared, e, NOW)
+              and kind.waits_for({"_id": "x"}, "ab12", e)]
+    assert picked == [e for e in events if rulecheck.matches(own, e, NOW)]
+    assert len(picked) == 3  # the two writes granting ab12f0 on x, and its delete
+    # Every event a waiter's own stream selects is in the shared stream.
+    assert all(rulecheck.matches(shared, e, NOW) for e in picked)
+
+
+def test_a_shared_stream_names_a_sharded_record_by_its_whole_key() -> None:
+    event = {"operationType": "update", "documentKey": {"_id": 1, "tenant": {"id": "t1"}},
+             "updateDescription": {"updatedFields": {"lock_token": "ab12f0"}}}
+    assert DOC.waits_for({"_id": 1, "tenant.id": "t1"}, "ab12", event)
+    assert not DOC.waits_for({"_id": 1, "tenant.id": "t2"}, "ab12", event)
+    assert not DOC.waits_for({"_id": 2}, "ab12", event)
 
 
 def test_a_grant_tells_the_server_time_of_its_write() -> None:
