@@ -63,7 +63,6 @@ from ._io import (  # noqa: E402
     MockIO,
     MockWaker,
     Waker,
-    _stream_failed,
     bounded,
     is_mongomock,
 )
@@ -291,25 +290,14 @@ class TaskHub(Hub):
         self.task = _in_background(self._read_events())
 
     async def _read_events(self) -> None:
-        stream = self.stream
         guard = _until_shutdown(self)
         await guard.__anext__()
         try:
-            while not self.idle():
-                try:
-                    event = await stream.try_next()
-                except asyncio.CancelledError:
-                    self.failed()
-                    raise
-                except Exception as exc:
-                    _stream_failed(exc, self.client)
-                    self.failed()
-                    return
-                if event is not None:
-                    self.route(event)
+            await adrive(self.reading(self.idle), _ainvoke)
         finally:
+            self.failed()  # (nobody is left to tell, unless it failed or was cancelled)
             try:
-                await stream.close()
+                await self.stream.close()
             except Exception as exc:  # pragma: no cover - the server went away
                 log.debug("closing a change stream failed: %s", exc)
             if not self.shutting_down:

@@ -48,6 +48,7 @@ from ._rules import (
     View,
     combine,
     new_ticket,
+    wait_prefix,
 )
 from ._waiting import MAX_WAIT_SLICE, backoff
 
@@ -320,9 +321,8 @@ class Lease:
         self.what, self.target = what, target
         self._hooks = _Hooks(subject, on_stored, missing)
         self.held: Held | None = None
-        #: Starts the tickets of this handle's waits: a wait is woken by the
-        #: change events that grant the lease to a ticket with this prefix.
-        self.prefix = new_ticket()[:16]
+        #: Its part of the tickets of its waits (see :attr:`prefix`).
+        self._own = new_ticket()[:8]
         #: When a quiet release of this handle last found waiters (monotonic).
         self.contended_at: float | None = None
         #: Whether this handle ever held a lease (for messages).
@@ -331,6 +331,13 @@ class Lease:
         self.fence: int | None = None
         #: The record as the last refused acquisition saw it.
         self.refused: View | None = None
+
+    @property
+    def prefix(self) -> str:
+        """Starts the tickets of this handle's waits: the process's (which
+        its change stream selects), then the handle's own. A wait is woken by
+        the grants of the lease to a ticket with this prefix."""
+        return wait_prefix() + self._own
 
     # -- helpers ----------------------------------------------------------------
 
@@ -490,9 +497,10 @@ class Lease:
         when the holder's lease runs out.
         """
         key = {"documentKey." + k: v for k, v in self.match.items()}
-        watch = Watch(combine(key, self.kind.granted_event(self.prefix)),
-                      self.kind.granted_event(""),
-                      partial(self.kind.waits_for, self.match, self.prefix))
+        prefix = self.prefix
+        watch = Watch(combine(key, self.kind.granted_event(prefix)),
+                      self.kind.granted_event(wait_prefix()),
+                      partial(self.kind.waits_for, self.match, prefix))
         waiting = Waiting(wait, self.clock, watch)
         command = self.kind.acquire(ask, "queue")
         # (sent, server time) of the last answered attempt: a grant learnt

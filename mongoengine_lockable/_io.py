@@ -56,9 +56,10 @@ log = logging.getLogger("mongoengine_lockable.io")
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: Longest a read of a shared change stream blocks (then its reader checks
-#: whether the stream is still used). A waiter's pause does not wait for it.
-STREAM_AWAIT_MS = 1000
+#: Longest a read of a shared change stream blocks: a waiting thread that
+#: reads it for the process ends its pause at most this late. (An event
+#: loop's reader is a task of its own, and reads longer: ``TaskHub``.)
+STREAM_AWAIT_MS = 100
 #: How long a shared change stream stays open with no waiter, for the next.
 KEEP_STREAM_SECONDS = 2.0
 #: How long a shared stream keeps the events it read, for waiters that
@@ -154,11 +155,6 @@ class Waker:
             return False
         return self._wants is None or self._wants(event)
 
-    def deliver(self, event: dict[str, Any]) -> None:
-        """(Under the hub's lock.)"""
-        self.events.append(event)
-        self._wake()
-
     def fail(self) -> None:
         """(Under the hub's lock.)"""
         self.broken = True
@@ -200,20 +196,54 @@ class Waker:
 
 
 class ThreadWaker(Waker):
-    """A :class:`Waker` that blocks a thread."""
+    """A :class:`Waker` that blocks a thread. While nobody reads the hub's
+    stream, a pausing thread reads it for every waiter of the process (and
+    gets its own events first hand); the others wait to be handed theirs, or
+    to take over the reading when the reader's pause ends."""
 
     def __init__(self, hub: Hub, wants: Any, after: Any) -> None:
         super().__init__(hub, wants, after)
         self._cond = threading.Condition(hub.lock)
+        #: Blocked in a pause (and so able to take over the reading).
+        self.pausing_now = False
 
     def _wake(self) -> None:
         self._cond.notify()
 
+    def _news(self) -> bool:
+        """(Under the hub's lock.)"""
+        return bool(self.events or self.retry or self.broken or self.hub.state == "closed")
+
     def _pause(self, timeout: float) -> dict[str, Any] | None:
+        hub = self.hub
+        self._end = end = time.monotonic() + timeout
         with self._cond:
-            if not self.events and not self.broken and not self.retry:
-                self._cond.wait(timeout)
-            return self._next()
+            while not self._news():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                if hub.reader is None and hub.state == "open":
+                    hub.reader = self
+                    break
+                self.pausing_now = True
+                self._cond.wait(left)
+                self.pausing_now = False
+            else:
+                return self._next()
+        try:
+            drive(hub.reading(self._done), _invoke)
+        finally:
+            with hub.lock:
+                hub.reader = None
+                hub.pass_reading()
+                found = self._next()
+        return found
+
+    def _done(self) -> bool:
+        """The reader's pause is over: news for it, or its time is up."""
+        with self.hub.lock:
+            return bool(self.events or self.retry or self.broken
+                        or self.hub.state == "closed" or time.monotonic() >= self._end)
 
 
 class Hub:
@@ -224,10 +254,13 @@ class Hub:
     The first waiter opens the stream from its own last write on; later
     waiters register after their last write and get the events after it:
     those the hub has read already (it keeps them for
-    :data:`RECENT_SECONDS`) at once, later ones as they come. Unused for
-    :data:`KEEP_STREAM_SECONDS`, the stream is closed. A waiter never depends
-    on its events (it looks again at its refresh interval anyway): a failed
-    stream costs time, not correctness.
+    :data:`RECENT_SECONDS`) at once, later ones as they come. Blocking
+    waiters read the stream themselves, one at a time (a lone waiter of a
+    process hears of its grant first hand, with no thread in between); an
+    event loop's waiters have a task read it (:class:`~mongoengine_lockable._aio.TaskHub`).
+    Unused for :data:`KEEP_STREAM_SECONDS`, the stream is closed. A waiter
+    never depends on its events (it looks again at its refresh interval
+    anyway): a failed stream costs time, not correctness.
     """
 
     waker_class: type[Waker] = ThreadWaker
@@ -247,6 +280,8 @@ class Hub:
         self.stream: Any = None
         self.client: Any = None
         self.idle_since = time.monotonic()
+        #: The waiter reading the stream now (blocking hubs).
+        self.reader: Any = None
         #: The registry that hands it out (:class:`Hubs`).
         self.registry: Hubs | None = None
 
@@ -276,9 +311,15 @@ class Hub:
         if after is None or self.complete_from is None or after < self.complete_from:
             waker.look_again()
             return
-        for at, _, event in self.recent:
+        news = []
+        for at, _, event in reversed(self.recent):  # (newest first: a few at most)
+            if at is not None and not at > after:
+                break
             if waker.wants(event, at):
-                waker.deliver(event)
+                news.append(event)
+        if news:
+            waker.events.extend(reversed(news))
+            waker._wake()
 
     def opened(self, stream: Any, start: Any, client: Any = None) -> None:
         """The stream (of ``client``) is open, from the cluster time ``start`` on."""
@@ -326,9 +367,12 @@ class Hub:
                 if dropped is not None and (self.complete_from is None
                                             or dropped > self.complete_from):
                     self.complete_from = dropped
+            reader = self.reader
             for waker in self.wakers:
                 if waker.wants(event, at):
-                    waker.deliver(event)
+                    waker.events.append(event)
+                    if waker is not reader:  # (the reader looks after each read)
+                        waker._wake()
 
     def idle(self) -> bool:
         """Whether the hub is unused for long enough (then it is closed, and
@@ -343,23 +387,44 @@ class Hub:
             self.registry.forget(self)
         return True
 
-    def _start_reading(self) -> None:
-        threading.Thread(target=self._read, name="lockable-stream", daemon=True).start()
-
-    def _read(self) -> None:
+    def reading(self, done: Callable[[], bool]) -> Generator[Call, Any, bool]:
+        """The calls that read the stream, handing each event to the waiters
+        that want it, until ``done()`` (sent by a waiting thread, awaited by
+        the task of an event loop); ``False`` if the stream failed (the hub
+        is then closed)."""
         stream = self.stream
         try:
-            while not self.idle():
-                try:
-                    event = stream.try_next()
-                except Exception as exc:
-                    _stream_failed(exc, self.client)
-                    self.failed()
-                    return
+            while not done():
+                event = yield Call(stream.try_next)
                 if event is not None:
                     self.route(event)
-        finally:
-            self._close_stream(stream)
+        except Exception as exc:
+            _stream_failed(exc, self.client)
+            self.failed()  # (its stream is closed by whoever closes unused ones)
+            return False
+        return True
+
+    def pass_reading(self) -> None:
+        """(Under the lock.) The reader's pause ended: wake another pausing
+        waiter to read on."""
+        for waker in self.wakers:
+            if getattr(waker, "pausing_now", False):
+                waker._wake()
+                return
+
+    def _start_reading(self) -> None:
+        """The stream is open: waiters read it as they pause (see
+        :class:`ThreadWaker`), and the registry's closer ends it once unused."""
+        if self.registry is not None:
+            self.registry.keep(self)
+
+    def expire(self) -> bool:
+        """Close the stream if unused for :data:`KEEP_STREAM_SECONDS` (or
+        failed); whether it is still open."""
+        if not self.idle():
+            return True
+        self._close_stream(self.stream)
+        return False
 
     @staticmethod
     def _close_stream(stream: Any) -> None:
@@ -391,6 +456,31 @@ class Hubs:
         parent's thread may have held as it forked."""
         self._lock = threading.Lock()
         self._hubs: dict[Any, Hub] = {}
+        #: The open blocking hubs, which :meth:`_close_unused` watches.
+        self._kept: set[Hub] = set()
+        self._closing = False
+
+    def keep(self, hub: Hub) -> None:
+        """Close ``hub``'s stream once unused (a thread runs while some are
+        open, one per process)."""
+        with self._lock:
+            self._kept.add(hub)
+            if not self._closing:
+                self._closing = True
+                threading.Thread(target=self._close_unused, name="lockable-streams",
+                                 daemon=True).start()
+
+    def _close_unused(self) -> None:
+        while True:
+            time.sleep(KEEP_STREAM_SECONDS / 4)
+            with self._lock:
+                kept = list(self._kept)
+            closed = {hub for hub in kept if not hub.expire()}
+            with self._lock:
+                self._kept -= closed
+                if not self._kept:
+                    self._closing = False
+                    return
 
     def register(self, hub_class: type[Hub], scope: Any, collection: Any, request: Watch,
                  after: Any) -> tuple[Waker, bool]:

@@ -127,12 +127,15 @@ _HOST = socket.gethostname()
 _RANDOM = random.Random()
 #: ``host:pid:``, the start of this process's owner tokens.
 _WHERE = ""
+#: Starts the tickets of this process's waits (see :func:`wait_prefix`).
+_PROCESS = ""
 
 
 def _seed() -> None:
-    global _WHERE
+    global _WHERE, _PROCESS
     _RANDOM.seed()
     _WHERE = f"{_HOST}:{os.getpid()}:"
+    _PROCESS = f"{_RANDOM.getrandbits(32):08x}"
 
 
 _seed()
@@ -163,6 +166,13 @@ def new_ticket() -> str:
     """A fresh ticket: the identity of one attempt or one write (96 random
     bits)."""
     return f"{_RANDOM.getrandbits(96):024x}"
+
+
+def wait_prefix() -> str:
+    """The start of every ticket this process waits with (32 random bits,
+    drawn again in a forked child): the change stream that wakes the
+    process's waiters selects the grants to them, and no others."""
+    return _PROCESS
 
 
 def host_and_pid() -> dict[str, Any]:
@@ -496,8 +506,9 @@ class Kind:
         stream shared by many waiters (selecting ``granted_event("")``) hands
         to the waiter with ``prefix``."""
         key = event.get("documentKey") or {}
-        if not all(_path(key, k) == v for k, v in record.items()):
-            return False
+        for k, v in record.items():
+            if (key.get(k) if "." not in k else _path(key, k)) != v:
+                return False
         if event.get("operationType") == "delete":
             return True
         granted = self._granted_in(event)

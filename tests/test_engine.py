@@ -27,7 +27,7 @@ from mongoengine_lockable._engine import (
     Sleep,
     Watch,
 )
-from mongoengine_lockable._rules import PICKUP_MS, REFRESH_SECONDS, DocumentKind
+from mongoengine_lockable._rules import PICKUP_MS, REFRESH_SECONDS, DocumentKind, wait_prefix
 
 SERVER = datetime(2031, 1, 1, 12, 0, 0)
 KIND = DocumentKind()
@@ -293,7 +293,7 @@ def test_each_wait_of_a_handle_skips_the_grants_of_its_earlier_waits() -> None:
     assert first.startswith(handle.prefix)
     assert script.kinds() == ["Modify", "Watch", "Pause"]
     watch = watches[0]
-    assert watch.shared == KIND.granted_event("")
+    assert watch.shared == KIND.granted_event(wait_prefix())  # the process's waits
     mine = {**grant_event(first, handed), "documentKey": dict(handle.match)}
     assert watch.wants is not None and watch.wants(mine)
     assert not watch.wants({**mine, "documentKey": {"_id": "another"}})

@@ -10,7 +10,9 @@ for that, the waiter's first pause ends at once, so that it looks again.
 
 from __future__ import annotations
 
+import queue
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -22,12 +24,38 @@ from mongoengine_lockable._io import Call, Hub, Hubs, ThreadWaker, drive
 
 
 class QuietHub(Hub):
-    """A hub whose stream the test reads for it (:meth:`Hub.route`)."""
+    """A hub that no closer watches."""
 
     started = 0
 
     def _start_reading(self) -> None:
         self.started += 1
+
+
+class FakeStream:
+    """A change stream the test feeds (:meth:`put`); a read waits 10 ms for
+    an event. ``fail``: the next read raises that."""
+
+    def __init__(self) -> None:
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.readers: set[str] = set()
+        self.fail: Exception | None = None
+        self.closed = False
+
+    def put(self, event: dict[str, Any]) -> None:
+        self.events.put(event)
+
+    def try_next(self) -> dict[str, Any] | None:
+        self.readers.add(threading.current_thread().name)
+        if self.fail is not None:
+            raise self.fail
+        try:
+            return self.events.get(timeout=0.01)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def at(seconds: int, inc: int = 1) -> Timestamp:
@@ -60,7 +88,7 @@ def opened_hub(start: Timestamp) -> tuple[QuietHub, ThreadWaker]:
     hub = QuietHub("key", {})
     first = ThreadWaker(hub, wants(1), start)
     assert hub.add(first) == "open"  # the first waiter opens the stream
-    hub.opened("stream", start)
+    hub.opened(FakeStream(), start)
     assert hub.started == 1
     return hub, first
 
@@ -106,7 +134,7 @@ def test_a_waiter_registered_while_the_stream_opens_is_covered_by_its_start() ->
     second = ThreadWaker(hub, wants(1), at(12))
     before = ThreadWaker(hub, wants(1), at(8))
     assert hub.add(second) is None and hub.add(before) is None  # while opening
-    hub.opened("stream", at(10))
+    hub.opened(FakeStream(), at(10))
     assert not first.retry and not second.retry and before.retry
 
 
@@ -124,14 +152,49 @@ def test_events_kept_no_longer_leave_later_waiters_uncovered(monkeypatch: Any) -
     assert missed.retry
 
 
-def test_a_paused_thread_wakes_when_its_event_comes() -> None:
+def test_a_pausing_thread_reads_the_stream_for_every_waiter() -> None:
+    """The first thread to pause reads the stream: its own event comes to it
+    first hand; another waiter's is handed to that waiter, whose thread
+    takes over the reading once the reader's pause ends."""
     hub, one = opened_hub(at(10))
-    found: list[Any] = []
-    pausing = threading.Thread(target=lambda: found.append(pause(one, timeout=30.0)))
-    pausing.start()
-    threading.Timer(0.05, hub.route, [event(1, at(11))]).start()
-    pausing.join(timeout=20)
-    assert not pausing.is_alive() and found[0]["clusterTime"] == at(11)
+    two = ThreadWaker(hub, wants(2), at(10))
+    assert hub.add(two) is None
+    stream = hub.stream
+    found: dict[str, Any] = {}
+
+    def pausing(name: str, waker: ThreadWaker, timeout: float) -> threading.Thread:
+        thread = threading.Thread(target=lambda: found.__setitem__(name, pause(waker, timeout)),
+                                  name=name)
+        thread.start()
+        return thread
+
+    reader = pausing("one", one, 30.0)
+    deadline = time.monotonic() + 20
+    while "one" not in stream.readers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    other = pausing("two", two, 30.0)  # the stream is read already: it waits
+    stream.put(event(2, at(11)))  # read by one, handed to two
+    other.join(timeout=20)
+    assert found["two"]["clusterTime"] == at(11) and stream.readers == {"one"}
+    other = pausing("two", two, 30.0)
+    stream.put(event(1, at(12)))  # one's own: its pause ends, two reads on
+    reader.join(timeout=20)
+    assert found["one"]["clusterTime"] == at(12)
+    stream.put(event(2, at(13)))
+    other.join(timeout=20)
+    assert found["two"]["clusterTime"] == at(13) and stream.readers == {"one", "two"}
+
+
+def test_a_stream_failing_under_its_reader_makes_every_waiter_poll() -> None:
+    hub, one = opened_hub(at(10))
+    two = ThreadWaker(hub, wants(2), at(10))
+    hub.add(two)
+    hub.stream.fail = RuntimeError("connection reset")
+    assert pause(one, timeout=30.0) is None  # it read, the read failed
+    assert one.broken and two.broken and not hub.alive()
+    assert pause(two, timeout=5.0) is None
+    (call,) = pause.calls  # type: ignore[attr-defined]
+    assert call.args == (_io.BROKEN_POLL,)  # it polls
 
 
 def test_a_failed_stream_makes_its_waiters_poll_and_the_next_wait_opens_another() -> None:
@@ -150,7 +213,7 @@ def test_a_failed_stream_makes_its_waiters_poll_and_the_next_wait_opens_another(
     assert opening and len(hubs) == 1
     again, opening = hubs.register(QuietHub, None, collection, request, at(11))
     assert not opening and again.hub is waker.hub  # one stream for both
-    waker.hub.opened("stream", at(10))
+    waker.hub.opened(FakeStream(), at(10))
     failing = waker.hub
     failing.failed()
     assert waker.broken and again.broken and len(hubs) == 0
@@ -169,7 +232,7 @@ def test_a_stream_nobody_waits_on_is_closed_and_replaced(monkeypatch: Any) -> No
         "database": type("Database", (), {"client": object()})()})()
     waker, _ = hubs.register(QuietHub, None, collection, request, at(10))
     hub = waker.hub
-    hub.opened("stream", at(10))
+    hub.opened(FakeStream(), at(10))
     assert not hub.idle()  # a waiter is registered
     waker.close()
     monkeypatch.setattr(_io, "KEEP_STREAM_SECONDS", 0.0)
@@ -215,7 +278,7 @@ def test_a_waiter_paused_before_the_stream_opened_looks_again_if_not_covered() -
     found: list[Any] = ["not yet"]
     pausing = threading.Thread(target=lambda: found.__setitem__(0, pause(before, 30.0)))
     pausing.start()  # blocked until an event, or told to look again
-    hub.opened("stream", at(10))
+    hub.opened(FakeStream(), at(10))
     pausing.join(timeout=20)
     assert not pausing.is_alive() and found == [None]
 
