@@ -242,8 +242,7 @@ class ThreadWaker(Waker):
     def _done(self) -> bool:
         """The reader's pause is over: news for it, or its time is up."""
         with self.hub.lock:
-            return bool(self.events or self.retry or self.broken
-                        or self.hub.state == "closed" or time.monotonic() >= self._end)
+            return self._news() or time.monotonic() >= self._end
 
 
 class Hub:
@@ -732,9 +731,6 @@ class MockWaker:
 
     #: The longest pause: writes made outside this library are seen by polling.
     MAX_POLL = 0.25
-    #: It never fails (as a change stream can).
-    broken = False
-    usable = True
 
     def __init__(self, namespace: str, match: Mapping[str, Any]) -> None:
         self.namespace = namespace
