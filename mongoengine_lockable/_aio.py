@@ -246,7 +246,7 @@ class TaskWaker(Waker):
 
     async def _pause(self, timeout: float) -> dict[str, Any] | None:
         self._flag.clear()
-        if not self.events and not self.broken and not self.retry:
+        if not self._news():
             try:
                 await asyncio.wait_for(self._flag.wait(), timeout)
             except asyncio.TimeoutError:

@@ -165,6 +165,11 @@ class Waker:
         self.retry = True
         self._wake()
 
+    def _news(self) -> bool:
+        """Whether a pause has something to return (under the hub's lock, or
+        in the loop)."""
+        return bool(self.events or self.retry or self.broken or self.hub.state == "closed")
+
     def _next(self) -> dict[str, Any] | None:
         """What a pause returns (under the hub's lock, or in the loop)."""
         if self.retry:
@@ -209,10 +214,6 @@ class ThreadWaker(Waker):
 
     def _wake(self) -> None:
         self._cond.notify()
-
-    def _news(self) -> bool:
-        """(Under the hub's lock.)"""
-        return bool(self.events or self.retry or self.broken or self.hub.state == "closed")
 
     def _pause(self, timeout: float) -> dict[str, Any] | None:
         hub = self.hub

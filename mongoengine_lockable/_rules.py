@@ -502,9 +502,10 @@ class Kind:
     def waits_for(self, record: Mapping[str, Any], prefix: str,
                   event: Mapping[str, Any]) -> bool:
         """Whether ``event`` is one that ``granted_event(prefix)`` selects on the
-        record ``record`` names (its ``_id``, and its shard key): what a
-        stream shared by many waiters (selecting ``granted_event("")``) hands
-        to the waiter with ``prefix``."""
+        record ``record`` names (its ``_id``, and its shard key): what the
+        stream shared by a process's waiters (selecting the grants to every
+        ticket that starts with :func:`wait_prefix`) hands to the waiter with
+        ``prefix``."""
         key = event.get("documentKey") or {}
         for k, v in record.items():
             if (key.get(k) if "." not in k else _path(key, k)) != v:
